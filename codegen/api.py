@@ -1,0 +1,62 @@
+"""`pbsa_attention`: the one entry point; validates once and dispatches to a backend."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from codegen.problem import validate
+
+BACKENDS = ("auto", "triton", "interpret", "torch")
+
+
+def pbsa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    page_lens: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    layout: str = "BLHD",
+    q_block: int = 128,
+    return_lse: bool = True,
+    backend: str = "auto",
+    page_size: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Persistent block-sparse attention over the pages listed in a block table.
+
+    q: [B, Lq, H, D] ("BLHD") or [B, H, Lq, D] ("BHLD"), fp32/fp16/bf16.
+    k, v: paged pools [B, Hkv, NP, page, D] with page_lens int32 [B, Hkv, NP] (None: all
+        pages full), or contiguous tensors in q's layout ([B, Lk, Hkv, D] / [B, Hkv, Lk, D])
+        cut into pages of `page_size` tokens (default: q_block), the last one partial.
+    kv_num_blocks: int32 [B, H, ceil(Lq / q_block)]; kv_indices: int32 [B, H, Mq, Kmax]
+        (first kv_num_blocks entries valid, ascending, duplicate-free; the rest never read).
+    Returns out (q's shape, layout and dtype) and lse (float32 [B, H, Lq], natural log, -inf
+    with out 0 for rows that see nothing) or None when return_lse is False.
+    backend: "triton" (CUDA), "interpret" (the same kernel under TRITON_INTERPRET=1),
+    "torch" (gather-based), "auto" (triton on CUDA, torch elsewhere).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    p = validate(
+        q,
+        k,
+        v,
+        kv_num_blocks,
+        kv_indices,
+        page_lens,
+        scale=scale,
+        layout=layout,
+        q_block=q_block,
+        page_size=page_size,
+    )
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "torch":
+        from codegen.torch_backend import pbsa_torch
+
+        return pbsa_torch(p, return_lse=return_lse)
+    from codegen.launch import pbsa_triton
+
+    return pbsa_triton(p, return_lse=return_lse, interpret=backend == "interpret")

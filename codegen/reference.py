@@ -1,0 +1,73 @@
+"""The float64 oracle: materialise the token mask from the block table, then dense attention.
+
+Deliberately naive (a dense [B, H, Lq, NP·page] mask) so that it shares no indexing logic with
+the backends it checks. Only for small shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from codegen.problem import check_table_values, validate
+
+
+def pbsa_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    page_lens: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    layout: str = "BLHD",
+    q_block: int = 128,
+    page_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Same arguments as `codegen.pbsa_attention`; returns float64 out (q's layout) and lse.
+
+    lse: [B, H, Lq]; -inf and out 0 for rows with nothing visible.
+    """
+    p = validate(
+        q,
+        k,
+        v,
+        kv_num_blocks,
+        kv_indices,
+        page_lens,
+        scale=scale,
+        layout=layout,
+        q_block=q_block,
+        page_size=page_size,
+    )
+    check_table_values(p)
+    k_pool, v_pool, lens = p.paged_kv()
+    page = p.page_size
+    dev = q.device
+    # Dense [B, H, NP·page, D] keys/values per query head (GQA: repeat kv heads).
+    k_all = k_pool.double().reshape(p.batch, p.kv_heads, -1, p.head_dim)
+    v_all = v_pool.double().reshape(p.batch, p.kv_heads, -1, p.head_dim)
+    k_all = k_all.repeat_interleave(p.group, dim=1)
+    v_all = v_all.repeat_interleave(p.group, dim=1)
+
+    listed = torch.arange(p.max_blocks, device=dev) < p.kv_num_blocks.unsqueeze(-1)
+    block = torch.zeros(
+        p.batch, p.heads, p.num_q_blocks, p.num_pages + 1, dtype=torch.bool, device=dev
+    )
+    # Unlisted slots scatter into a spare column that is dropped afterwards.
+    block.scatter_(3, torch.where(listed, p.kv_indices, p.num_pages).long(), True)
+    block = block[..., : p.num_pages]
+    rows = torch.arange(p.q_len, device=dev) // p.q_block
+    tok_ok = torch.arange(page, device=dev) < lens.repeat_interleave(p.group, 1).unsqueeze(-1)
+    mask = block[:, :, rows].unsqueeze(-1) & tok_ok.unsqueeze(2)  # [B, H, Lq, NP, page]
+    mask = mask.reshape(p.batch, p.heads, p.q_len, -1)
+
+    s = torch.matmul(p.q_bhld().double(), k_all.transpose(-1, -2)) * p.scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    probs = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    out = torch.matmul(probs, v_all)
+    if layout == "BLHD":
+        out = out.transpose(1, 2)
+    return out, lse
