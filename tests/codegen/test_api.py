@@ -18,7 +18,7 @@ TOL = {
     torch.float16: dict(out=(5e-3, 5e-3), lse=(2e-3, 2e-4)),
     torch.bfloat16: dict(out=(3e-2, 2e-2), lse=(2e-2, 2e-3)),
 }
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "interpret"] if not torch.cuda.is_available() else ["torch", "triton"]
 
 
 def check_against_oracle(args: dict, backend: str) -> None:

@@ -1,0 +1,164 @@
+"""Launching the generated kernel: spec and config selection, strides, TMA descriptors, grid."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from codegen.cache import get_kernel
+from codegen.problem import Problem
+from codegen.spec import DTYPE_NAMES, KernelSpec
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tuning choices that do not change the problem: tile height, warps, pipeline depth."""
+
+    block_m: int = 128
+    num_warps: int = 8
+    num_stages: int = 2
+    tma: bool = False
+    warp_specialize: bool = False
+
+
+def supports_tma(device: torch.device) -> bool:
+    """TMA descriptors need a CUDA device of compute capability >= 9 (Hopper)."""
+    if device.type != "cuda":
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
+    """The structure of `p` plus the config's structural choices."""
+    return KernelSpec(
+        block_m=min(config.block_m, p.q_block),
+        block_n=p.page_size,
+        q_block=p.q_block,
+        head_dim=p.head_dim,
+        group=p.group,
+        dtype=DTYPE_NAMES[p.q.dtype],
+        layout=p.layout,
+        paged=p.paged,
+        # Decided by the call's form, never by values, so that lengths never recompile.
+        partial=not p.paged or p.page_lens is not None,
+        return_lse=return_lse,
+        tma=config.tma,
+        warp_specialize=config.warp_specialize,
+    )
+
+
+def default_config(p: Problem, interpret: bool) -> LaunchConfig:
+    if interpret:
+        return LaunchConfig(block_m=min(64, p.q_block), num_warps=4, num_stages=1)
+    return LaunchConfig(
+        block_m=min(128, p.q_block), num_warps=8, num_stages=2, tma=supports_tma(p.q.device)
+    )
+
+
+def _kv_tma_args(p: Problem, spec: KernelSpec) -> tuple[object, object, tuple[int, int, int]]:
+    """2-D descriptors over K and V, and (row_b, row_h, col_h): page p of kv head g of batch b
+    starts at row b·row_b + g·row_h + p·page, column g·col_h."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    d, page = p.head_dim, p.page_size
+    if p.paged:  # [B, Hkv, NP, page, D] -> [B·Hkv·NP·page, D]
+        views = [t.view(-1, d) for t in (p.k, p.v)]
+        rows = (p.kv_heads * p.num_pages * page, p.num_pages * page, 0)
+    elif p.layout == "BLHD":  # [B, Lk, Hkv, D] -> [B·Lk, Hkv·D]
+        views = [t.view(p.batch * p.kv_len, p.kv_heads * d) for t in (p.k, p.v)]
+        rows = (p.kv_len, 0, d)
+    else:  # [B, Hkv, Lk, D] -> [B·Hkv·Lk, D]
+        views = [t.view(-1, d) for t in (p.k, p.v)]
+        rows = (p.kv_heads * p.kv_len, p.kv_len, 0)
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [spec.block_n, d]) for t in views]
+    return descs[0], descs[1], rows
+
+
+def pbsa_triton(
+    p: Problem,
+    *,
+    return_lse: bool = True,
+    interpret: bool = False,
+    config: LaunchConfig | None = None,
+    out: Tensor | None = None,
+    lse: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Run the generated kernel. `out`/`lse` may be given (e.g. poisoned, by tests)."""
+    if not interpret and not p.q.is_cuda:
+        raise ValueError("backend='triton' needs CUDA tensors; use 'torch' or 'interpret'")
+    config = config or default_config(p, interpret)
+    spec = spec_for(p, config, return_lse)
+    kernel = get_kernel(spec, interpret=interpret)
+
+    k, v = p.k, p.v
+    if spec.tma and not (k.is_contiguous() and v.is_contiguous()):
+        k, v = k.contiguous(), v.contiguous()
+        p = dataclasses.replace(p, k=k, v=v)
+    if out is None:
+        out = torch.empty_like(p.q, memory_format=torch.contiguous_format)
+    if lse is None and return_lse:
+        lse = torch.empty(p.batch, p.heads, p.q_len, dtype=torch.float32, device=p.q.device)
+    if p.q.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("q, out: the head dimension must be contiguous (stride 1)")
+
+    def bhl(t: Tensor) -> tuple[int, int, int]:
+        sb, s1, s2, _ = t.stride()
+        return (sb, s2, s1) if p.layout == "BLHD" else (sb, s1, s2)
+
+    num_blocks = p.kv_num_blocks.contiguous()
+    indices = p.kv_indices.contiguous()
+    lens = p.page_lens.contiguous() if p.page_lens is not None else num_blocks  # unused then
+    if spec.tma:
+        k_arg, v_arg, kv_geom = _kv_tma_args(p, spec)
+    else:
+        k_arg, v_arg = k, v
+        if p.paged:
+            kv_geom = (*k.stride()[:4], *v.stride()[:4])
+        else:  # contiguous: page j of head g starts at token j·page
+            sk, sv = k.stride(), v.stride()
+            tok = (1, 2) if p.layout == "BLHD" else (2, 1)  # (token dim, head dim)
+            kv_geom = (
+                sk[0],
+                sk[tok[1]],
+                p.page_size * sk[tok[0]],
+                sk[tok[0]],
+                sv[0],
+                sv[tok[1]],
+                p.page_size * sv[tok[0]],
+                sv[tok[0]],
+            )
+    grid = (triton.cdiv(p.q_len, spec.block_m), p.batch * p.heads)
+    if grid[0] == 0 or grid[1] == 0:
+        return out, lse
+    launch = {} if interpret else dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel[grid](
+        p.q,
+        k_arg,
+        v_arg,
+        out,
+        lse if return_lse else out,
+        num_blocks,
+        indices,
+        lens,
+        *bhl(p.q),
+        *bhl(out),
+        *kv_geom,
+        p.heads,
+        p.q_len,
+        p.kv_len,
+        p.num_pages,
+        p.num_q_blocks,
+        p.max_blocks,
+        p.scale,
+        UPCAST=interpret,
+        **launch,
+    )
+    return out, (lse if return_lse else None)

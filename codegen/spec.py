@@ -1,0 +1,110 @@
+"""`KernelSpec`: the structure a generated PBSA kernel is specialised on, and nothing else.
+
+Sequence lengths, page counts, strides and table contents are runtime arguments, so a growing
+cache or a new block table reuses the compiled kernel. Tuning knobs that live outside the
+source (num_warps, num_stages) are launch options and are not part of the spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _pow2(x: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Structural parameters of one generated kernel.
+
+    block_m: query rows per program; divides q_block.
+    block_n: keys per inner step; equals the page size (one page per step).
+    q_block: query rows per block-table row (the q tile m reads row m·block_m // q_block).
+    head_dim: D, a power of two in 16…256.
+    group: query heads per kv head (H // Hkv).
+    dtype: "float32" | "float16" | "bfloat16".
+    layout: q (and contiguous K/V) layout, "BLHD" | "BHLD".
+    paged: K/V are page pools [B, Hkv, NP, page, D] (else contiguous in q's layout).
+    partial: some pages may hold fewer than block_n valid tokens (masking is generated).
+    return_lse: the kernel writes the log-sum-exp.
+    tma: load tiles with Hopper tensor descriptors (TMA) instead of pointer loads.
+    warp_specialize: ask Triton to warp-specialise the kv loop (tma kernels only).
+    """
+
+    block_m: int = 128
+    block_n: int = 128
+    q_block: int = 128
+    head_dim: int = 128
+    group: int = 1
+    dtype: str = "bfloat16"
+    layout: str = "BLHD"
+    paged: bool = True
+    partial: bool = True
+    return_lse: bool = True
+    tma: bool = False
+    warp_specialize: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "q_block"):
+            value = getattr(self, name)
+            if not _pow2(value) or value < 16:
+                raise ValueError(f"KernelSpec.{name}: expected a power of two >= 16, got {value!r}")
+        if not _pow2(self.head_dim) or not 16 <= self.head_dim <= 256:
+            raise ValueError(
+                f"KernelSpec.head_dim: expected a power of two in 16..256, got {self.head_dim!r}"
+            )
+        if self.q_block % self.block_m:
+            raise ValueError(
+                f"KernelSpec.block_m: {self.block_m} must divide q_block={self.q_block}"
+            )
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
+            raise ValueError(f"KernelSpec.group: expected a positive int, got {self.group!r}")
+        if self.dtype not in DTYPE_NAMES.values():
+            raise ValueError(
+                f"KernelSpec.dtype: expected one of {sorted(DTYPE_NAMES.values())}, "
+                f"got {self.dtype!r}"
+            )
+        if self.layout not in ("BLHD", "BHLD"):
+            raise ValueError(f"KernelSpec.layout: expected 'BLHD' or 'BHLD', got {self.layout!r}")
+        for name in ("paged", "partial", "return_lse", "tma", "warp_specialize"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"KernelSpec.{name}: expected a bool")
+        if self.warp_specialize and not self.tma:
+            raise ValueError("KernelSpec.warp_specialize: only supported with tma=True")
+
+    @property
+    def name(self) -> str:
+        """A readable, unique identifier (also the generated kernel's function name)."""
+        flags = "".join(
+            tag
+            for tag, on in (
+                ("p", self.paged),
+                ("r", self.partial),
+                ("l", self.return_lse),
+                ("t", self.tma),
+                ("w", self.warp_specialize),
+            )
+            if on
+        )
+        return (
+            f"pbsa_m{self.block_m}_n{self.block_n}_qb{self.q_block}_d{self.head_dim}"
+            f"_g{self.group}_{self.dtype}_{self.layout.lower()}_{flags or 'x'}"
+        )
+
+    def key(self) -> str:
+        """Stable JSON of the fields (for hashing and for the autotuner's records)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def digest(self, *extra: str) -> str:
+        """Short hash of the spec together with extra strings (template text, versions)."""
+        h = hashlib.sha256(self.key().encode())
+        for e in extra:
+            h.update(b"\0" + e.encode())
+        return h.hexdigest()[:20]
