@@ -1,3 +1,10 @@
+from patterns.diagnostics import (
+    attention_mass_recall,
+    plot_block_mask,
+    plot_recall_heatmap,
+    topk_mask,
+    topk_recall,
+)
 from patterns.scoring import (
     BlockScorer,
     block_attention_mass,
@@ -9,6 +16,7 @@ from patterns.scoring import (
     query_block_rows,
     save_gates,
 )
+from patterns.training import capture_qk, train_gates
 
 __all__ = [
     "BlockScorer",
@@ -20,4 +28,11 @@ __all__ = [
     "pool_query_blocks",
     "query_block_rows",
     "save_gates",
+    "attention_mass_recall",
+    "capture_qk",
+    "plot_block_mask",
+    "plot_recall_heatmap",
+    "topk_mask",
+    "topk_recall",
+    "train_gates",
 ]
