@@ -55,10 +55,12 @@ def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
     )
 
 
-def default_config(p: Problem, interpret: bool) -> LaunchConfig:
+def default_config(p: Problem, interpret: bool, return_lse: bool = True) -> LaunchConfig:
     if interpret:
         return LaunchConfig(block_m=min(64, p.q_block), num_warps=4, num_stages=1)
-    return LaunchConfig(
+    from codegen.autotune import lookup
+
+    return lookup(p, return_lse) or LaunchConfig(
         block_m=min(128, p.q_block), num_warps=8, num_stages=2, tma=supports_tma(p.q.device)
     )
 
@@ -94,7 +96,7 @@ def pbsa_triton(
     """Run the generated kernel. `out`/`lse` may be given (e.g. poisoned, by tests)."""
     if not interpret and not p.q.is_cuda:
         raise ValueError("backend='triton' needs CUDA tensors; use 'torch' or 'interpret'")
-    config = config or default_config(p, interpret)
+    config = config or default_config(p, interpret, return_lse)
     spec = spec_for(p, config, return_lse)
     kernel = get_kernel(spec, interpret=interpret)
 

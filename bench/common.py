@@ -1,0 +1,58 @@
+"""Helpers shared by the benchmarks: device record, timing, JSON output, the printed table."""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+
+def device_record() -> dict:
+    """What every benchmark JSON names: card, versions, date."""
+    import triton
+
+    cuda = torch.cuda.is_available()
+    return dict(
+        card=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        capability=".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        date=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of fn on the GPU (triton.testing.do_bench, events, warm-up)."""
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def write_json(path: str | Path | None, payload: dict) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=str))
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A fixed-width text table (also valid Markdown) of the given columns."""
+
+    def cell(v: object) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(columns), sep, *(line(r) for r in cells)])

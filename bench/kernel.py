@@ -1,0 +1,274 @@
+"""Kernel benchmark (BENCHMARKS.md): PBSA vs dense SDPA vs compiled FlexAttention.
+
+    python -m bench.kernel --json out.json [--cases sf5s,paper65k] [--sweep]
+
+B=1, H=12, D=128, bf16, BLHD, one chunk of 3 frames x 1560 queries. The KV is one contiguous
+sequence: 4096 persistent tokens (32 pages of 128) visible to every query block, then the
+window, whose last 3 frames are the current chunk. Each query block sees the persistent
+pages, its own frames' pages and a seeded random `density` fraction of the other window
+pages. SDPA, flex and pbsa read the same memory; pbsa is also timed on a paged pool.
+
+The block-table builder of the pattern library can be timed too (`select_overhead`): register
+a builder with `register_selector` or pass `--selector module:function`. A builder is called
+as `builder(case, density, q, k)` and returns a zero-argument callable that does the
+selection; with none registered `select_overhead` is null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bench.common import device_record, format_table, time_ms, write_json
+
+PAGE = 128
+Q_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    name: str
+    kv_tokens: int
+    persistent_tokens: int
+    densities: tuple[float, ...]
+    q_len: int = 3 * 1560
+    tokens_per_frame: int = 1560
+    heads: int = 12
+    head_dim: int = 128
+
+    @property
+    def num_pages(self) -> int:
+        return math.ceil(self.kv_tokens / PAGE)
+
+    @property
+    def num_q_blocks(self) -> int:
+        return math.ceil(self.q_len / Q_BLOCK)
+
+
+CASES = {
+    "sf5s": KernelCase("sf5s", 21 * 1560, 4096, (1.0, 0.25, 0.125, 0.0625)),
+    "paper65k": KernelCase("paper65k", 42 * 1560, 4096, (0.25, 0.125, 0.0625)),
+}
+
+Selector = Callable[[KernelCase, float, Tensor, Tensor], Callable[[], object]]
+SELECTORS: list[Selector] = []
+
+
+def register_selector(builder: Selector) -> None:
+    """Time `builder` as the block-table construction of each case (see module docstring)."""
+    SELECTORS.append(builder)
+
+
+def build_table(
+    case: KernelCase, density: float, device: torch.device, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """(kv_num_blocks int32 [1, H, Mq], kv_indices int32 [1, H, Mq, NP]) of the case.
+
+    Visible: persistent pages, the pages holding the query block's own frames, and
+    round(density · other window pages) random others (seeded).
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    h, mq, npg = case.heads, case.num_q_blocks, case.num_pages
+    first_window = case.persistent_tokens // PAGE
+    pages = torch.arange(npg, device=device)
+    rows0 = torch.arange(mq, device=device) * Q_BLOCK
+    rows1 = torch.clamp(rows0 + Q_BLOCK, max=case.q_len) - 1
+    chunk0 = case.kv_tokens - case.q_len  # KV position of the first query token
+    own_lo = (chunk0 + (rows0 // case.tokens_per_frame) * case.tokens_per_frame) // PAGE
+    own_hi = -(-(chunk0 + (rows1 // case.tokens_per_frame + 1) * case.tokens_per_frame) // PAGE)
+    own = (pages >= own_lo[:, None]) & (pages < own_hi[:, None])  # [Mq, NP]
+    window = pages >= first_window
+    others = window & ~own
+    n_pick = torch.round(density * others.sum(-1).float()).long()  # [Mq]
+    score = torch.rand(h, mq, npg, generator=g, device=device).masked_fill(~others, -1.0)
+    rank = score.argsort(-1, descending=True).argsort(-1)
+    visible = (rank < n_pick[:, None]) & others | own | ~window
+    counts = visible.sum(-1).to(torch.int32)
+    order = torch.where(visible, pages, pages + npg).sort(-1).values
+    idx = torch.where(pages < counts[..., None], order, 0).to(torch.int32)
+    return counts[None], idx[None]
+
+
+def computed_tokens(case: KernelCase, counts: Tensor) -> float:
+    """Mean KV tokens computed per query row (whole pages, as every kernel computes them)."""
+    rows = torch.full((case.num_q_blocks,), Q_BLOCK, dtype=torch.float64)
+    rows[-1] = case.q_len - (case.num_q_blocks - 1) * Q_BLOCK
+    per_block = counts[0].double().cpu() * PAGE  # [H, Mq]
+    return float((per_block * rows).sum() / (case.heads * case.q_len))
+
+
+def flex_block_mask(case: KernelCase, counts: Tensor, idx: Tensor):
+    """A BlockMask equal to the table: whole pages are full blocks, the partial last page
+    (Lk not a multiple of 128) a masked block."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    last = case.num_pages - 1
+    has_last = (idx == last) & (torch.arange(idx.shape[-1], device=idx.device) < counts[..., None])
+    has_last = has_last.any(-1)
+    partial = case.kv_tokens % PAGE != 0
+    if partial:
+        full_counts = counts - has_last.to(torch.int32)  # the last page is listed last
+        part_counts = has_last.to(torch.int32)
+        part_idx = torch.full_like(idx, 0)
+        part_idx[..., 0] = last
+    else:
+        full_counts, part_counts, part_idx = counts, torch.zeros_like(counts), idx
+    kv_len = case.kv_tokens
+    # mask_mod must state the whole mask (eager flex evaluates it densely); compiled flex
+    # evaluates it only on partial blocks, so the lookup costs nothing on full pages.
+    slots = torch.arange(idx.shape[-1], device=idx.device)
+    visible = torch.zeros(*idx.shape[:3], case.num_pages + 1, dtype=torch.bool, device=idx.device)
+    visible.scatter_(3, torch.where(slots < counts[..., None], idx, case.num_pages).long(), True)
+    visible = visible[0, ..., : case.num_pages]  # [H, Mq, NP]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx < kv_len) & visible[h, q_idx // Q_BLOCK, kv_idx // PAGE]
+
+    return BlockMask.from_kv_blocks(
+        part_counts, part_idx, full_counts, idx,
+        BLOCK_SIZE=(Q_BLOCK, PAGE), mask_mod=mask_mod, seq_lengths=(case.q_len, kv_len),
+    )
+
+
+def sdpa_backends() -> dict[str, object]:
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+
+
+def _record(case, density, impl, ms, computed, **extra) -> dict:
+    tflops = 4 * case.q_len * computed * case.head_dim * case.heads / (ms * 1e-3) / 1e12
+    return dict(case=case.name, density=density, impl=impl, ms=ms, computed_kv_tokens=computed,
+                tflops=tflops, ideal_speedup=case.kv_tokens / computed, **extra)
+
+
+def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Records of one case (all densities) and, with sweep, every candidate config's time."""
+    import codegen
+    from codegen.autotune import autotune, candidate_configs
+    from codegen.launch import pbsa_triton
+    from codegen.problem import validate
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(seed)
+    b, h, d, lq, lk = 1, case.heads, case.head_dim, case.q_len, case.kv_tokens
+    q = torch.randn(b, lq, h, d, device=dev, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(b, lk, h, d, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(b, lk, h, d, device=dev, dtype=torch.bfloat16, generator=g)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # BHLD views of the same memory
+    # Paged copy: [1, H, NP, 128, D] pool (zero tail) with page lengths.
+    pad = case.num_pages * PAGE - lk
+    k_pool = F.pad(kt, (0, 0, 0, pad)).reshape(b, h, case.num_pages, PAGE, d).contiguous()
+    v_pool = F.pad(vt, (0, 0, 0, pad)).reshape(b, h, case.num_pages, PAGE, d).contiguous()
+    page_lens = torch.full((b, h, case.num_pages), PAGE, dtype=torch.int32, device=dev)
+    page_lens[..., -1] = lk - (case.num_pages - 1) * PAGE
+
+    records, sweep_rows = [], []
+    sdpa_ms, dense_out = {}, None
+    for name, backend in sdpa_backends().items():
+        try:
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(qt, kt, vt)
+                sdpa_ms[name] = time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+            dense_out = out if dense_out is None else dense_out
+        except RuntimeError as err:
+            print(f"sdpa {name}: unavailable ({str(err)[:80]})", file=sys.stderr)
+    sdpa_name = min(sdpa_ms, key=sdpa_ms.get)
+    base_ms = sdpa_ms[sdpa_name]
+    records.append(_record(case, None, "sdpa_dense", base_ms, float(lk), sdpa_backend=sdpa_name,
+                           sdpa_all_ms=sdpa_ms, speedup_vs_sdpa=1.0, efficiency=1.0))
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    qc, kc, vc = (t.contiguous() for t in (qt, kt, vt))
+    for density in case.densities:
+        counts, idx = build_table(case, density, dev, seed)
+        computed = computed_tokens(case, counts)
+        mask = flex_block_mask(case, counts, idx)
+        flex_ms = {
+            "blhd_view": time_ms(lambda: flex(qt, kt, vt, block_mask=mask)),
+            "bhld_contig": time_ms(lambda: flex(qc, kc, vc, block_mask=mask)),
+        }
+        flex_out = flex(qt, kt, vt, block_mask=mask)
+        args = (q, k, v, counts, idx, None)
+        kw = dict(layout="BLHD", q_block=Q_BLOCK, page_size=PAGE)
+        paged_args = (q, k_pool, v_pool, counts, idx, page_lens)
+        timed = {}
+        for impl, a in (("pbsa", args), ("pbsa_paged", paged_args)):
+            config = autotune(*a, **kw, progress=False)
+            out, _ = codegen.pbsa_attention(*a, **kw)
+            err = float((out.float() - flex_out.transpose(1, 2).float()).abs().max())
+            timed[impl] = (time_ms(lambda a=a: codegen.pbsa_attention(*a, **kw)), config, err)
+            if sweep:
+                p = validate(*a, scale=None, **kw)
+                for c in candidate_configs(p):
+                    try:
+                        ms = time_ms(lambda c=c: pbsa_triton(p, config=c), warmup=10, rep=40)
+                    except Exception as e:  # noqa: BLE001 -- record why a config cannot run
+                        ms = f"{type(e).__name__}: {str(e)[:120]}"
+                    sweep_rows.append(dict(case=case.name, density=density, impl=impl,
+                                           config=str(c), ms=ms))
+        flex_best = min(flex_ms.values())
+        select_ms = None
+        if SELECTORS:
+            select = SELECTORS[0](case, density, q, k)
+            select_ms = time_ms(select)
+        for impl, ms, extra in (
+            ("flex", flex_best, dict(flex_all_ms=flex_ms)),
+            *((i, t[0], dict(config=str(t[1]), max_abs_diff_vs_flex=t[2]))
+              for i, t in timed.items()),
+        ):
+            rec = _record(case, density, impl, ms, computed, speedup_vs_sdpa=base_ms / ms,
+                          speedup_vs_flex=flex_best / ms, **extra)
+            rec["efficiency"] = rec["speedup_vs_sdpa"] / rec["ideal_speedup"]
+            if impl.startswith("pbsa"):
+                rec["select_overhead"] = None if select_ms is None else select_ms / ms
+            records.append(rec)
+        if density == 1.0:
+            full = codegen.pbsa_attention(*args, **kw)[0]
+            records[0]["max_abs_diff_vs_pbsa_full"] = float(
+                (full.float() - dense_out.transpose(1, 2).float()).abs().max())
+    return records, sweep_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None, help="write records here")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--sweep", action="store_true", help="also time every candidate config")
+    parser.add_argument("--selector", default=None, help="module:function table builder to time")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.kernel needs a CUDA device", file=sys.stderr)
+        return 2
+    if args.selector:
+        module, _, fn = args.selector.partition(":")
+        register_selector(getattr(importlib.import_module(module), fn))
+    records, sweep = [], []
+    for name in args.cases.split(","):
+        r, s = run_case(CASES[name], sweep=args.sweep)
+        records += r
+        sweep += s
+    write_json(args.json, dict(device=device_record(), records=records, sweep=sweep))
+    cols = ["case", "density", "impl", "ms", "computed_kv_tokens", "tflops", "speedup_vs_sdpa",
+            "speedup_vs_flex", "ideal_speedup", "efficiency"]
+    print(device_record())
+    print(format_table(records, cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

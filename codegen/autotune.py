@@ -1,0 +1,163 @@
+"""Autotuner for the PBSA kernel: time candidate launch configs on a representative call.
+
+Winners are persisted as JSON in the cache dir (`autotune.json`) per (device name, torch
+version, triton version, kernel structure, bucketed shape) and reused by later processes.
+The shape bucket is (next power of two of Lq, next power of two of the table width Kmax):
+both are known without reading the table on the host, so a lookup never syncs the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import triton
+from torch import Tensor
+
+from codegen.cache import cache_dir
+from codegen.launch import LaunchConfig, pbsa_triton, spec_for, supports_tma
+from codegen.problem import Problem, validate
+
+_memory: dict[str, LaunchConfig] | None = None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def tuning_key(p: Problem, return_lse: bool = True) -> str:
+    """Identity of a tuning result: device, versions, kernel structure, shape bucket."""
+    base = spec_for(p, LaunchConfig(block_m=16), return_lse)
+    base = dataclasses.replace(base, block_m=16, tma=False, warp_specialize=False)
+    device = torch.cuda.get_device_name(p.q.device) if p.q.is_cuda else str(p.q.device)
+    return json.dumps(
+        dict(
+            device=device, torch=torch.__version__, triton=triton.__version__,
+            spec=json.loads(base.key()), lq=_next_pow2(p.q_len), kmax=_next_pow2(p.max_blocks),
+        ),
+        sort_keys=True,
+    )
+
+
+def _store_path() -> Path:
+    return cache_dir() / "autotune.json"
+
+
+def _load() -> dict[str, dict]:
+    try:
+        return json.loads(_store_path().read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _save(key: str, config: LaunchConfig, ms: float) -> None:
+    records = _load()  # merge with what other processes wrote meanwhile
+    records[key] = {**dataclasses.asdict(config), "ms": ms}
+    path = _store_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(records, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def lookup(p: Problem, return_lse: bool = True) -> LaunchConfig | None:
+    """The persisted winner for this call's key, if any (read from disk once per process)."""
+    global _memory
+    if _memory is None:
+        _memory = {
+            k: LaunchConfig(**{f.name: v[f.name] for f in dataclasses.fields(LaunchConfig)})
+            for k, v in _load().items()
+        }
+    return _memory.get(tuning_key(p, return_lse))
+
+
+def shared_memory_estimate(p: Problem, config: LaunchConfig) -> int:
+    """Bytes of shared memory: the q tile, num_stages K and V pages, and the P tile."""
+    elem = p.q.element_size()
+    block_m = min(config.block_m, p.q_block)
+    tiles = block_m * p.head_dim + config.num_stages * 2 * p.page_size * p.head_dim
+    return (tiles + block_m * p.page_size) * elem
+
+
+def candidate_configs(p: Problem) -> list[LaunchConfig]:
+    """BLOCK_M in {64, 128} dividing q_block, warps {4, 8}, stages {2, 3, 4}, TMA (+warp
+    specialisation) where the device has it; pruned by shared memory."""
+    tma_options = [(False, False)]
+    if supports_tma(p.q.device):
+        tma_options += [(True, False), (True, True)]
+    limit = torch.cuda.get_device_properties(p.q.device).shared_memory_per_block_optin
+    configs = []
+    for block_m in (64, 128):
+        if p.q_block % block_m:
+            continue
+        for warps in (4, 8):
+            if block_m == 64 and warps == 8:  # 8 warps on 64 rows idle half the tensor cores
+                continue
+            for stages in (2, 3, 4):
+                for tma, ws in tma_options:
+                    c = LaunchConfig(block_m, warps, stages, tma, ws)
+                    if shared_memory_estimate(p, c) <= limit:
+                        configs.append(c)
+    return configs
+
+
+def autotune(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    page_lens: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    layout: str = "BLHD",
+    q_block: int = 128,
+    page_size: int | None = None,
+    return_lse: bool = True,
+    configs: Iterable[LaunchConfig] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> LaunchConfig:
+    """Pick the fastest LaunchConfig for calls shaped like this sample (same arguments as
+    `pbsa_attention`; use a representative block table, its counts drive the timing).
+
+    Returns the persisted winner unless `force`; on CPU (the interpreter) returns the single
+    interpreter config without timing. Candidates that fail to compile are skipped.
+    """
+    global _memory
+    p = validate(q, k, v, kv_num_blocks, kv_indices, page_lens, scale=scale, layout=layout,
+                 q_block=q_block, page_size=page_size)
+    if not p.q.is_cuda:
+        from codegen.launch import default_config
+
+        return default_config(p, interpret=True)
+    key = tuning_key(p, return_lse)
+    if not force and (hit := lookup(p, return_lse)) is not None:
+        return hit
+    from tqdm.auto import tqdm
+
+    candidates = list(configs) if configs is not None else candidate_configs(p)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    best: tuple[float, LaunchConfig] | None = None
+    for config in tqdm(candidates, desc="autotune pbsa", disable=not progress):
+        def run(config: LaunchConfig = config) -> None:
+            pbsa_triton(p, return_lse=return_lse, config=config, out=out)
+
+        try:
+            ms = triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median")
+        except Exception as err:  # a config this Triton/device cannot build: skip it
+            tqdm.write(f"autotune: skipping {config}: {type(err).__name__}: {str(err)[:200]}")
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, config)
+    if best is None:
+        raise RuntimeError("autotune: no candidate config compiled and ran")
+    _save(key, best[1], best[0])
+    _memory = None  # re-read with the new record
+    return best[1]

@@ -1,0 +1,75 @@
+"""The generated kernel under each launch path, with poisoned outputs, and its compile reuse."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from codegen.launch import LaunchConfig, pbsa_triton, supports_tma
+from codegen.problem import validate
+from codegen.reference import pbsa_reference
+from codegen.samples import random_inputs
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+CONFIGS = [LaunchConfig(block_m=32, num_warps=4, num_stages=2)]
+if not CUDA or supports_tma(torch.device("cuda")):
+    # The interpreter runs the TMA path too (host tensor descriptors are emulated).
+    CONFIGS.append(LaunchConfig(block_m=32, num_warps=4, num_stages=2, tma=True))
+if CUDA and supports_tma(torch.device("cuda")):
+    CONFIGS += [
+        LaunchConfig(block_m=64, num_warps=4, num_stages=3, tma=True, warp_specialize=True),
+        LaunchConfig(block_m=128, num_warps=8, num_stages=2, tma=True),
+    ]
+
+
+def problem_of(args):
+    kw = {k: args[k] for k in ("layout", "q_block", "page_size")}
+    return validate(args["q"], args["k"], args["v"], args["kv_num_blocks"], args["kv_indices"],
+                    args.get("page_lens"), scale=None, **kw)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@given(
+    paged=st.booleans(),
+    layout=st.sampled_from(["BLHD", "BHLD"]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_every_element_written_and_correct(config, paged, layout, dtype, seed):
+    args = random_inputs(batch=2, heads=4, kv_heads=2, q_len=141, head_dim=64, page_size=32,
+                         q_block=128, num_pages=7, dtype=dtype, layout=layout, paged=paged,
+                         q_scale=30.0, seed=seed, device=DEVICE)
+    p = problem_of(args)
+    out = torch.full_like(args["q"], float("nan"))
+    lse = torch.full((2, 4, 141), float("nan"), device=DEVICE)
+    pbsa_triton(p, config=config, interpret=not CUDA, out=out, lse=lse)
+    ref_out, ref_lse = pbsa_reference(**args)
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out.double(), ref_out, atol=3e-2, rtol=2e-2)
+    live = ~torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), ~live)
+    torch.testing.assert_close(lse.double()[live], ref_lse[live], atol=2e-2, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (the interpreter compiles nothing)")
+@pytest.mark.parametrize("tma", [False, True] if CUDA and supports_tma(torch.device("cuda"))
+                         else [False])
+def test_new_lengths_and_tables_reuse_the_compiled_kernel(tma):
+    from codegen.cache import get_kernel
+    from codegen.launch import spec_for
+
+    config = LaunchConfig(block_m=64, num_warps=4, num_stages=2, tma=tma)
+    shapes = [(130, 5, 0), (4680, 9, 1), (77, 16, 2), (1, 3, 3)]  # (Lq, num_pages, seed)
+    kernel, sizes = None, []
+    for paged in (True, False):
+        for q_len, pages, seed in shapes:
+            args = random_inputs(batch=1, heads=2, kv_heads=1, q_len=q_len, head_dim=64,
+                                 page_size=64, q_block=64, num_pages=pages, paged=paged,
+                                 dtype=torch.bfloat16, seed=seed, device=DEVICE)
+            p = problem_of(args)
+            pbsa_triton(p, config=config)
+            kernel = get_kernel(spec_for(p, config, True))
+            sizes.append(sum(len(c[0]) for c in kernel.device_caches.values()))
+        assert sizes[-1] == sizes[-len(shapes)], f"recompiled for new lengths: {sizes}"
