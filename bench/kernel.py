@@ -133,8 +133,13 @@ def flex_block_mask(case: KernelCase, counts: Tensor, idx: Tensor):
         return (kv_idx < kv_len) & visible[h, q_idx // Q_BLOCK, kv_idx // PAGE]
 
     return BlockMask.from_kv_blocks(
-        part_counts, part_idx, full_counts, idx,
-        BLOCK_SIZE=(Q_BLOCK, PAGE), mask_mod=mask_mod, seq_lengths=(case.q_len, kv_len),
+        part_counts,
+        part_idx,
+        full_counts,
+        idx,
+        BLOCK_SIZE=(Q_BLOCK, PAGE),
+        mask_mod=mask_mod,
+        seq_lengths=(case.q_len, kv_len),
     )
 
 
@@ -150,8 +155,16 @@ def sdpa_backends() -> dict[str, object]:
 
 def _record(case, density, impl, ms, computed, **extra) -> dict:
     tflops = 4 * case.q_len * computed * case.head_dim * case.heads / (ms * 1e-3) / 1e12
-    return dict(case=case.name, density=density, impl=impl, ms=ms, computed_kv_tokens=computed,
-                tflops=tflops, ideal_speedup=case.kv_tokens / computed, **extra)
+    return dict(
+        case=case.name,
+        density=density,
+        impl=impl,
+        ms=ms,
+        computed_kv_tokens=computed,
+        tflops=tflops,
+        ideal_speedup=case.kv_tokens / computed,
+        **extra,
+    )
 
 
 def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -189,8 +202,19 @@ def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict
             print(f"sdpa {name}: unavailable ({str(err)[:80]})", file=sys.stderr)
     sdpa_name = min(sdpa_ms, key=sdpa_ms.get)
     base_ms = sdpa_ms[sdpa_name]
-    records.append(_record(case, None, "sdpa_dense", base_ms, float(lk), sdpa_backend=sdpa_name,
-                           sdpa_all_ms=sdpa_ms, speedup_vs_sdpa=1.0, efficiency=1.0))
+    records.append(
+        _record(
+            case,
+            None,
+            "sdpa_dense",
+            base_ms,
+            float(lk),
+            sdpa_backend=sdpa_name,
+            sdpa_all_ms=sdpa_ms,
+            speedup_vs_sdpa=1.0,
+            efficiency=1.0,
+        )
+    )
 
     flex = torch.compile(flex_attention, dynamic=False)
     qc, kc, vc = (t.contiguous() for t in (qt, kt, vt))
@@ -219,8 +243,9 @@ def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict
                         ms = time_ms(lambda c=c: pbsa_triton(p, config=c), warmup=10, rep=40)
                     except Exception as e:  # noqa: BLE001 -- record why a config cannot run
                         ms = f"{type(e).__name__}: {str(e)[:120]}"
-                    sweep_rows.append(dict(case=case.name, density=density, impl=impl,
-                                           config=str(c), ms=ms))
+                    sweep_rows.append(
+                        dict(case=case.name, density=density, impl=impl, config=str(c), ms=ms)
+                    )
         flex_best = min(flex_ms.values())
         select_ms = None
         if SELECTORS:
@@ -228,11 +253,21 @@ def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict
             select_ms = time_ms(select)
         for impl, ms, extra in (
             ("flex", flex_best, dict(flex_all_ms=flex_ms)),
-            *((i, t[0], dict(config=str(t[1]), max_abs_diff_vs_flex=t[2]))
-              for i, t in timed.items()),
+            *(
+                (i, t[0], dict(config=str(t[1]), max_abs_diff_vs_flex=t[2]))
+                for i, t in timed.items()
+            ),
         ):
-            rec = _record(case, density, impl, ms, computed, speedup_vs_sdpa=base_ms / ms,
-                          speedup_vs_flex=flex_best / ms, **extra)
+            rec = _record(
+                case,
+                density,
+                impl,
+                ms,
+                computed,
+                speedup_vs_sdpa=base_ms / ms,
+                speedup_vs_flex=flex_best / ms,
+                **extra,
+            )
             rec["efficiency"] = rec["speedup_vs_sdpa"] / rec["ideal_speedup"]
             if impl.startswith("pbsa"):
                 rec["select_overhead"] = None if select_ms is None else select_ms / ms
@@ -240,7 +275,8 @@ def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict
         if density == 1.0:
             full = codegen.pbsa_attention(*args, **kw)[0]
             records[0]["max_abs_diff_vs_pbsa_full"] = float(
-                (full.float() - dense_out.transpose(1, 2).float()).abs().max())
+                (full.float() - dense_out.transpose(1, 2).float()).abs().max()
+            )
     return records, sweep_rows
 
 
@@ -263,8 +299,18 @@ def main(argv: list[str] | None = None) -> int:
         records += r
         sweep += s
     write_json(args.json, dict(device=device_record(), records=records, sweep=sweep))
-    cols = ["case", "density", "impl", "ms", "computed_kv_tokens", "tflops", "speedup_vs_sdpa",
-            "speedup_vs_flex", "ideal_speedup", "efficiency"]
+    cols = [
+        "case",
+        "density",
+        "impl",
+        "ms",
+        "computed_kv_tokens",
+        "tflops",
+        "speedup_vs_sdpa",
+        "speedup_vs_flex",
+        "ideal_speedup",
+        "efficiency",
+    ]
     print(device_record())
     print(format_table(records, cols))
     return 0

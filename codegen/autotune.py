@@ -37,8 +37,12 @@ def tuning_key(p: Problem, return_lse: bool = True) -> str:
     device = torch.cuda.get_device_name(p.q.device) if p.q.is_cuda else str(p.q.device)
     return json.dumps(
         dict(
-            device=device, torch=torch.__version__, triton=triton.__version__,
-            spec=json.loads(base.key()), lq=_next_pow2(p.q_len), kmax=_next_pow2(p.max_blocks),
+            device=device,
+            torch=torch.__version__,
+            triton=triton.__version__,
+            spec=json.loads(base.key()),
+            lq=_next_pow2(p.q_len),
+            kmax=_next_pow2(p.max_blocks),
         ),
         sort_keys=True,
     )
@@ -131,8 +135,18 @@ def autotune(
     interpreter config without timing. Candidates that fail to compile are skipped.
     """
     global _memory
-    p = validate(q, k, v, kv_num_blocks, kv_indices, page_lens, scale=scale, layout=layout,
-                 q_block=q_block, page_size=page_size)
+    p = validate(
+        q,
+        k,
+        v,
+        kv_num_blocks,
+        kv_indices,
+        page_lens,
+        scale=scale,
+        layout=layout,
+        q_block=q_block,
+        page_size=page_size,
+    )
     if not p.q.is_cuda:
         from codegen.launch import default_config
 
@@ -146,6 +160,7 @@ def autotune(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     best: tuple[float, LaunchConfig] | None = None
     for config in tqdm(candidates, desc="autotune pbsa", disable=not progress):
+
         def run(config: LaunchConfig = config) -> None:
             pbsa_triton(p, return_lse=return_lse, config=config, out=out)
 

@@ -1,0 +1,64 @@
+"""render(spec): a complete module, specialised only on structure."""
+
+import ast
+
+import pytest
+
+from codegen.render import render
+from codegen.spec import KernelSpec
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        KernelSpec(),
+        KernelSpec(tma=True, warp_specialize=True, dtype="float32"),
+        KernelSpec(paged=False, layout="BHLD", return_lse=False, block_m=64, head_dim=64),
+    ],
+    ids=lambda s: s.name,
+)
+def test_source_is_a_module_with_one_jit_kernel(spec):
+    tree = ast.parse(render(spec))
+    kernels = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    assert [k.name for k in kernels] == [spec.name]
+    assert "triton.jit" in ast.unparse(kernels[0].decorator_list[0])
+
+
+def test_different_specs_render_different_sources():
+    a, b = KernelSpec(), KernelSpec(head_dim=64)
+    assert render(a) != render(b)
+    assert render(a) == render(KernelSpec())
+
+
+def test_lengths_and_strides_are_never_specialised():
+    for spec in (KernelSpec(), KernelSpec(tma=True)):
+        tree = ast.parse(render(spec))
+        fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef))
+        deco = fn.decorator_list[0]
+        listed = {
+            e.value for kw in deco.keywords if kw.arg == "do_not_specialize" for e in kw.value.elts
+        }
+        runtime_ints = {
+            a.arg
+            for a in fn.args.args
+            if a.annotation is None
+            and (a.arg.startswith(("stride_", "num_", "kv_", "max_")) or a.arg in ("q_len",))
+        }
+        assert runtime_ints and runtime_ints <= listed
+
+
+def test_structure_appears_as_named_constexprs():
+    src = render(KernelSpec(block_m=64, block_n=32, q_block=128, head_dim=256, group=3))
+    for line in (
+        "BLOCK_M = tl.constexpr(64)",
+        "BLOCK_N = tl.constexpr(32)",
+        "Q_BLOCK = tl.constexpr(128)",
+        "HEAD_DIM = tl.constexpr(256)",
+        "GROUP = tl.constexpr(3)",
+    ):
+        assert line in src
+
+
+def test_rejects_non_spec():
+    with pytest.raises(TypeError, match="spec"):
+        render({"block_m": 128})
