@@ -1,0 +1,308 @@
+"""`sparsify(model, ...)`: capture, find, classify, rewrite — and the module it returns.
+
+Two modes:
+
+* ``mode="cached"`` (default) — an autoregressive chunk-form model ``forward(x, timestep,
+  context, start_frame)``. Every self-attention site becomes a `runtime.AttentionState` of one
+  `runtime.AttentionRuntime` (shared page pool), and the returned `SparsifiedModule` is a
+  `ChunkRunner`: ``reset(...)`` then ``module(x, timestep, context, start_frame, commit)``,
+  driven by `runtime.generate`.
+* ``mode="full_sequence"`` — a bidirectional model run on a whole video, no cache (e.g.
+  diffusers' ``WanTransformer3DModel``). Each self-attention site becomes a
+  `runtime.FullSequenceAttention`; the module is called like the original model.
+
+The user's model is never modified: the graph owns its module objects (sharing weight storage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule
+
+from codegen.api import BACKENDS
+from patterns import Pattern, VideoGeometry
+from runtime import AttentionRuntime, CausalWanModel, FullSequenceAttention, StatefulRunner
+from sparsify.capture import CAPTURE_METHODS, capture, runtime_inputs
+from sparsify.classify import SELF, Verdict, classify, keep_reason
+from sparsify.matching import find_sites
+from sparsify.ops import bind
+from sparsify.plan import KEPT, REWRITTEN, Plan, PlanRow
+from sparsify.rewrite import rewrite
+from sparsify.sites import AttentionSite
+
+MODES = ("cached", "full_sequence")
+OPTIONS = ("mode", "page_size", "q_block", "debug", "capture_methods")
+
+
+class SparsifiedModule(nn.Module):
+    """A captured model whose self-attention runs on the sparse runtime.
+
+    graph_module: the rewritten fx graph (its parameters are the model's weights, shared).
+    plan: a `Plan`, one row per attention site.
+    In cached mode `runner` (a `runtime.StatefulRunner`) drives `runtime`, the
+    `AttentionRuntime` whose `states` (one per rewritten layer, with the learned gates) are
+    submodules; in full-sequence mode `attention` lists the `FullSequenceAttention` modules.
+    """
+
+    def __init__(
+        self,
+        graph_module: GraphModule,
+        plan: Plan,
+        attention: AttentionRuntime | nn.ModuleList,
+        site_ids: Mapping[int, int],
+    ):
+        super().__init__()
+        self.graph_module = graph_module
+        self.plan = plan
+        self.mode = plan.mode
+        self.site_ids = dict(site_ids)  # plan row (site index) → id bound in sparsify.ops
+        if isinstance(attention, AttentionRuntime):
+            self.runner = StatefulRunner(self._chunk, attention)
+        else:
+            self.attention = attention
+
+    @property
+    def runtime(self) -> AttentionRuntime:
+        if self.mode != "cached":
+            raise AttributeError("a full_sequence SparsifiedModule has no AttentionRuntime")
+        return self.runner.runtime
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        return self.runtime.peak_kv_bytes
+
+    @property
+    def current_kv_bytes(self) -> int:
+        return self.runtime.current_kv_bytes
+
+    def _chunk(self, x: Tensor, timestep: Tensor, context: Tensor, start_frame: int) -> Tensor:
+        args, _ = runtime_inputs((x, timestep, context, start_frame), {})
+        return self.graph_module(*args)
+
+    def reset(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, num_frames: int
+    ) -> None:
+        """Empty the KV cache for a rollout of `num_frames` frames (cached mode only)."""
+        if self.mode != "cached":
+            raise RuntimeError("reset: a full_sequence SparsifiedModule has no KV cache")
+        dense = [r for r in self.plan.rows if r.kind == SELF and r.decision == KEPT]
+        if dense:
+            listing = "; ".join(f"site {r.site} ({r.module_path}): {r.reason}" for r in dense)
+            raise RuntimeError(
+                "the AR rollout needs every self-attention site on the KV cache, but these "
+                f"were kept dense: {listing}"
+            )
+        self.runner.reset(batch_size, device, dtype, num_frames)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Cached mode: ``(x, timestep, context, start_frame, commit)``, one pass over a chunk
+        (the `ChunkRunner` protocol). Full-sequence mode: the original model's arguments."""
+        if self.mode == "cached":
+            return self.runner(*args, **kwargs)
+        args, kwargs = runtime_inputs(args, kwargs)
+        return self.graph_module(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, {len(self.plan.rewritten)}/{len(self.plan.rows)} rewritten"
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        "example_inputs: expected a tuple of positional inputs or a dict of keyword inputs, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def _geometry(model: nn.Module, geometry: VideoGeometry | None, options: dict) -> VideoGeometry:
+    if geometry is not None:
+        if not isinstance(geometry, VideoGeometry):
+            raise TypeError(
+                f"geometry: expected a patterns.VideoGeometry, got {type(geometry).__name__}"
+            )
+        if "page_size" in options or "q_block" in options:
+            raise ValueError("page_size/q_block: give them in the geometry, not as options")
+        return geometry
+    if not isinstance(model, CausalWanModel):
+        raise ValueError(
+            f"geometry: required for a {type(model).__name__} (only the reference "
+            "CausalWanModel's geometry is known); pass patterns.VideoGeometry(tokens_per_frame, "
+            "frames_per_chunk, page_size, q_block)"
+        )
+    cfg = model.config
+    return VideoGeometry(
+        cfg.tokens_per_frame,
+        cfg.frames_per_chunk,
+        options.get("page_size", 128),
+        options.get("q_block", 128),
+    )
+
+
+def _mode_reason(site: AttentionSite, geometry: VideoGeometry, mode: str) -> str | None:
+    length = site.q_shape[1]
+    if mode == "cached" and length != geometry.chunk_tokens:
+        return (
+            f"{length} query tokens, not one chunk of {geometry.frames_per_chunk}x"
+            f"{geometry.tokens_per_frame} = {geometry.chunk_tokens} (geometry mismatch)"
+        )
+    if mode == "full_sequence" and length % geometry.tokens_per_frame:
+        return f"{length} tokens are not whole frames of {geometry.tokens_per_frame} tokens"
+    return None
+
+
+def _heads(site: AttentionSite) -> tuple[int, int, int]:
+    return site.q_shape[2], site.k_shape[2], site.q_shape[3]
+
+
+def _decide(
+    sites: list[AttentionSite],
+    verdicts: dict[int, Verdict],
+    geometry: VideoGeometry,
+    mode: str,
+) -> dict[int, str | None]:
+    """site index → reason to keep it dense, or None to rewrite it."""
+    reasons: dict[int, str | None] = {}
+    shared: tuple[int, int, int] | None = None
+    for site in sites:
+        reason = keep_reason(site, verdicts.get(site.index))
+        reason = reason or _mode_reason(site, geometry, mode)
+        if reason is None and mode == "cached":
+            # One page pool serves every layer, so they must agree on heads and head_dim.
+            shared = shared or _heads(site)
+            if _heads(site) != shared:
+                reason = f"(H, Hkv, D) = {_heads(site)} differs from the other layers' {shared}"
+        reasons[site.index] = reason
+    return reasons
+
+
+def _kind(site: AttentionSite, verdict: Verdict | None) -> str:
+    return "?" if verdict is None else verdict.kind
+
+
+def sparsify(
+    model: nn.Module,
+    example_inputs: Any,
+    pattern: Pattern,
+    geometry: VideoGeometry | None = None,
+    backend: str = "auto",
+    **options: Any,
+) -> SparsifiedModule:
+    """Capture `model`, rewrite its self-attention to `pattern`, return a `SparsifiedModule`.
+
+    example_inputs: a tuple of positional inputs (cached mode: ``(x, timestep, context,
+        start_frame)``) or a dict of keyword inputs; ints become runtime tensor inputs.
+    pattern: a `patterns.Pattern` (e.g. ``Dense()``, ``PersistentLocal(...)``).
+    geometry: the video geometry; defaults from a `runtime.CausalWanModel`'s config
+        (tokens_per_frame, frames_per_chunk), otherwise required.
+    backend: kernel backend, one of ``codegen.api.BACKENDS`` ("auto": triton on CUDA, torch on
+        CPU).
+    options: ``mode`` ("cached" | "full_sequence"), ``page_size``/``q_block`` (when the
+        geometry is derived from the model; default 128), ``debug`` (validate block tables),
+        ``capture_methods`` (subset of `sparsify.capture.CAPTURE_METHODS`, in order).
+
+    Raises TypeError/ValueError for bad arguments, `CaptureError` when no capture path works
+    and ValueError when the graph has no attention at all.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern: expected a patterns.Pattern, got {type(pattern).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"options: unknown {unknown}; expected some of {OPTIONS}")
+    mode = options.get("mode", "cached")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    debug = options.get("debug", False)
+    if not isinstance(debug, bool):
+        raise TypeError(f"debug: expected a bool, got {type(debug).__name__}")
+    args, kwargs = _split_inputs(example_inputs)
+    if mode == "cached" and (kwargs or len(args) != 4):
+        raise ValueError(
+            "example_inputs: cached mode needs the chunk-form inputs as a 4-tuple "
+            "(x, timestep, context, start_frame)"
+        )
+    geometry = _geometry(model, geometry, options)
+    pattern.check_geometry(geometry)
+
+    captured = capture(model, args, kwargs, tuple(options.get("capture_methods", CAPTURE_METHODS)))
+    graph_module = captured.graph_module
+    sites = find_sites(graph_module)
+    if not sites:
+        raise ValueError(
+            f"model: no attention found in the graph of {type(model).__name__} (captured by "
+            f"{captured.method}); looked for {', '.join(FORMS)}"
+        )
+    verdicts = {s.index: classify(s, sites, graph_module) for s in sites if s.q is not None}
+    reasons = _decide(sites, verdicts, geometry, mode)
+    chosen = [s for s in sites if reasons[s.index] is None]
+
+    attention: AttentionRuntime | nn.ModuleList
+    if mode == "cached":
+        if not chosen:
+            raise ValueError(
+                "model: no self-attention site can be rewritten; reasons: "
+                + "; ".join(f"site {s.index}: {reasons[s.index]}" for s in sites)
+            )
+        heads, kv_heads, head_dim = _heads(chosen[0])
+        attention = AttentionRuntime(
+            pattern, geometry, len(chosen), heads, kv_heads, head_dim, backend, debug
+        )
+        modules = list(attention.states)
+    else:
+        modules = [FullSequenceAttention(pattern, geometry, *_heads(s), backend) for s in chosen]
+        attention = nn.ModuleList(modules)
+    site_ids = {s.index: bind(m) for s, m in zip(chosen, modules, strict=True)}
+    rewrite(graph_module, sites, site_ids)
+
+    resolved = backend if backend != "auto" else f"auto ({_auto_backend(args, kwargs)})"
+    target = "AttentionState" if mode == "cached" else "FullSequenceAttention"
+    layer_of = {s.index: i for i, s in enumerate(chosen)}
+    rows = []
+    for s in sites:
+        reason = reasons[s.index]
+        rows.append(
+            PlanRow(
+                site=s.index,
+                kind=_kind(s, verdicts.get(s.index)),
+                layer=s.layer,
+                module_path=s.module_path,
+                form=s.form,
+                op=s.op,
+                layout=s.layout,
+                q_shape=s.q_shape,
+                k_shape=s.k_shape,
+                v_shape=s.v_shape,
+                decision=KEPT if reason else REWRITTEN,
+                reason=reason or f"-> {target}[{layer_of[s.index]}]",
+                backend=None if reason else resolved,
+                q_block=None if reason else geometry.q_block,
+                page_size=None if reason else geometry.page_size,
+            )
+        )
+    plan = Plan(rows, captured.method, mode, str(pattern), str(geometry), captured.failures)
+    return SparsifiedModule(graph_module, plan, attention, site_ids)
+
+
+FORMS = (
+    "scaled_dot_product_attention (any spelling)",
+    "flex_attention",
+    "flash-attn ops",
+    "unfused softmax(q·kᵀ)·v",
+)
+
+
+def _auto_backend(args: tuple, kwargs: dict) -> str:
+    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+    return "triton" if any(t.is_cuda for t in tensors) else "torch"

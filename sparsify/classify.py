@@ -1,0 +1,122 @@
+"""Self- vs cross-attention by data flow, confirmed by module names; and the rewrite decision.
+
+A site is self-attention when q, k and v descend from one common activation (the hidden
+state, through projections, norms and RoPE) without passing through another attention: walking
+back from each of them stops at the outputs of other attention sites, and the walks meet at a
+node computed from a graph input. Cross-attention's k/v come from the context alone, which the
+video stream reaches only through earlier cross-attention outputs, so the walks never meet.
+A module path naming the layer ("self_attn", "attn1" / "cross_attn", "attn2") must agree;
+disagreement leaves the site dense with both verdicts in the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+from torch.fx import GraphModule, Node
+
+from sparsify.sites import AttentionSite, node_value
+
+SELF, CROSS = "self", "cross"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """kind: "self" or "cross"; `conflict` explains a disagreement with the module path."""
+
+    kind: str
+    by_data_flow: str
+    by_module_path: str | None
+    conflict: str | None = None
+
+
+def kind_from_path(path: str | None) -> str | None:
+    """The kind a module path names, deepest component first, or None."""
+    if not path:
+        return None
+    for part in reversed(path.lower().split(".")):
+        if "cross" in part or part == "attn2":
+            return CROSS
+        if "self" in part or part == "attn1":
+            return SELF
+    return None
+
+
+def _input_dependent(module: GraphModule) -> set[Node]:
+    """Nodes whose value depends on a graph input (not only on parameters and constants)."""
+    out: set[Node] = set()
+    for node in module.graph.nodes:
+        if node.op == "placeholder" or any(a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
+def _ancestors(start: Node, barriers: set[Node]) -> set[Node]:
+    """start and the tensors it is computed from, not looking past `barriers`.
+
+    Only tensor values are followed: a shape read (`x.shape[0]` in a view) is not data flow.
+    """
+    seen, stack = {start}, [start]
+    while stack:
+        node = stack.pop()
+        if node in barriers and node is not start:
+            continue
+        for parent in node.all_input_nodes:
+            if parent not in seen and isinstance(node_value(parent), Tensor):
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def classify(site: AttentionSite, sites: list[AttentionSite], module: GraphModule) -> Verdict:
+    """Self or cross for one site with traced operands (see the module docstring)."""
+    barriers = {s.output.node for s in sites if s is not site and s.output is not None}
+    barriers |= {s.anchor for s in sites if s is not site}
+    live = _input_dependent(module)
+    common = live - barriers
+    for operand in (site.q, site.k, site.v):
+        common &= _ancestors(operand.node, barriers)
+    by_flow = SELF if common else CROSS
+    by_path = kind_from_path(site.module_path)
+    conflict = None
+    if by_path is not None and by_path != by_flow:
+        conflict = (
+            f"data flow says {by_flow}-attention but module path "
+            f"{site.module_path!r} says {by_path}-attention"
+        )
+    return Verdict(by_flow, by_flow, by_path, conflict)
+
+
+SUPPORTED_HEAD_DIMS = tuple(2**i for i in range(4, 9))  # 16 … 256
+
+
+def keep_reason(site: AttentionSite, verdict: Verdict | None) -> str | None:
+    """Why a site must stay dense whatever the pattern, or None when it can be rewritten.
+
+    Needs `verdict` for sites with traced operands; sites without them are unsupported.
+    """
+    if site.unsupported:
+        return site.unsupported
+    if verdict.conflict:
+        return verdict.conflict
+    if verdict.kind == CROSS:
+        return "cross-attention (k/v come from the context, not the video tokens)"
+    if site.mask is not None:
+        return "has an arbitrary dense attn_mask (a block pattern cannot honour it)"
+    if site.causal:
+        return "is_causal=True (a token-causal mask is not a block pattern)"
+    if site.dropout != 0.0:
+        return f"attention dropout (p={site.dropout})"
+    q, k = site.q_shape, site.k_shape
+    if q[1] != k[1]:
+        return f"self-attention with {k[1]} keys for {q[1]} queries (joint or cached attention)"
+    if q[3] not in SUPPORTED_HEAD_DIMS or site.v_shape[3] != q[3]:
+        return f"head_dim {q[3]} (v: {site.v_shape[3]}) is not one of {SUPPORTED_HEAD_DIMS}"
+    if q[2] % k[2]:
+        return f"{k[2]} kv heads do not divide {q[2]} query heads"
+    scale = site.effective_scale()
+    if scale is None or not math.isfinite(scale) or scale <= 0:
+        return f"unsupported softmax scale {site.scale}"
+    return None

@@ -1,0 +1,325 @@
+"""Finding attention in a graph: the unfused form by subgraph matching on a networkx view.
+
+The fx graph is viewed as a networkx DiGraph over the nodes that can take part in an unfused
+attention — matrix products (matmul/bmm/@/einsum), softmax, constant scalings, mask additions
+(add/masked_fill) and dropout — with every value-preserving op in between (casts, copies,
+views, no-op expands) contracted away. Small pattern graphs
+
+    QK(matmul) → [scale | mask]* → softmax → [dropout] → PV(matmul)
+
+are matched against it with VF2 (`networkx.algorithms.isomorphism.DiGraphMatcher`), so any
+spelling whose ops reduce to those kinds matches. Each match is then read through the
+products' einsum equations (a matmul/bmm is `…xy,…yz->…xz`) to find which operand is q, k and
+v and how each is laid out. `find_sites` combines these with the fused forms of
+`sparsify.sites`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import networkx as nx
+from networkx.algorithms.isomorphism import DiGraphMatcher
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from sparsify.sites import (
+    AttentionSite,
+    Output,
+    arg,
+    constant,
+    find_fused,
+    layout_name,
+    make_site,
+    node_shape,
+    op_name,
+    tensor_input,
+    trace_qkv,
+)
+
+_PRODUCTS = {"matmul", "bmm", "einsum"}
+_CONTRACTED = {"cast", "contiguous", "clone", "alias", "detach", "view", "lift_fresh_copy"}
+_MASKS = {"add", "masked_fill"}
+
+# Chains between the two products; longer patterns are tried first so that a softmax is
+# matched with everything in front of it.
+_MIDDLES = (
+    ("scale", "mask", "scale"),
+    ("scale", "mask"),
+    ("mask", "scale"),
+    ("scale", "scale"),
+    ("scale",),
+    ("mask",),
+    (),
+)
+_TAILS = (("dropout",), ())
+
+
+def _kind(node: Node, module: GraphModule) -> str | None:
+    """The role a node can play in an unfused attention, "through" when it only carries its
+    input along, or None."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return None
+    name = op_name(node, module)
+    if name in _PRODUCTS:
+        return "matmul"
+    if name == "softmax":
+        return "softmax"
+    if name == "dropout":
+        return "dropout"
+    if name in _MASKS:
+        return "mask"
+    if name in ("mul", "div") and _scale_of(node) is not None:
+        return "scale"
+    if name in _CONTRACTED or (
+        name == "expand" and node_shape(node) == node_shape(tensor_input(node))
+    ):
+        return "through"
+    return None
+
+
+def _scale_of(node: Node) -> float | None:
+    """c for x·c or x/c with a constant c (and a tensor x), else None."""
+    if len(node.args) < 2:
+        return None
+    a, b = node.args[:2]
+    name = op_name(node)
+    if name == "mul" and node_shape(a) is None:
+        a, b = b, a
+    value = constant(b)
+    if node_shape(a) is None or value is None or value == 0:
+        return None
+    return value if name == "mul" else 1.0 / value
+
+
+def _tensor_operands(node: Node, module: GraphModule) -> list[Node]:
+    """Tensor operands in order; einsum's operands may come as a list or as varargs."""
+    if op_name(node, module) == "einsum":
+        rest = node.args[1:]
+        if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+            rest = rest[0]
+        return [a for a in rest if isinstance(a, Node)]
+    return [a for a in node.args if isinstance(a, Node) and node_shape(a) is not None]
+
+
+@dataclass
+class GraphView:
+    """The contracted networkx view of an fx graph (see the module docstring)."""
+
+    graph: nx.DiGraph
+    representative: dict[Node, Node]  # every node → the node whose value it carries
+
+
+def graph_view(module: GraphModule) -> GraphView:
+    graph = nx.DiGraph()
+    rep: dict[Node, Node] = {}
+    for node in module.graph.nodes:  # topological order: inputs are resolved first
+        kind = _kind(node, module)
+        src = tensor_input(node)
+        rep[node] = rep.get(src, src) if kind == "through" and src is not None else node
+        if kind in (None, "through"):
+            continue
+        graph.add_node(node, kind=kind)
+        for pos, operand in enumerate(_tensor_operands(node, module)):
+            source = rep.get(operand, operand)
+            if source in graph:
+                graph.add_edge(source, node, pos=pos)
+    return GraphView(graph, rep)
+
+
+def _pattern(middle: tuple[str, ...], tail: tuple[str, ...]) -> nx.DiGraph:
+    kinds = ("matmul", *middle, "softmax", *tail, "matmul")
+    pattern = nx.DiGraph()
+    for i, kind in enumerate(kinds):
+        pattern.add_node(i, kind=kind)
+    pattern.add_edges_from((i, i + 1) for i in range(len(kinds) - 1))
+    return pattern
+
+
+PATTERNS: tuple[nx.DiGraph, ...] = tuple(
+    _pattern(m, t) for t, m in itertools.product(_TAILS, _MIDDLES)
+)
+
+
+def match_chains(view: GraphView) -> Iterator[list[Node]]:
+    """Each unfused attention as its chain [QK, (scale|mask)*, softmax, (dropout), PV]."""
+    matched: set[Node] = set()
+    for pattern in sorted(PATTERNS, key=len, reverse=True):
+        matcher = DiGraphMatcher(
+            view.graph, pattern, node_match=lambda a, b: a["kind"] == b["kind"]
+        )
+        for mapping in matcher.subgraph_monomorphisms_iter():
+            chain = [n for n, _ in sorted(mapping.items(), key=lambda item: item[1])]
+            softmax = next(n for n in chain if view.graph.nodes[n]["kind"] == "softmax")
+            if softmax in matched:
+                continue
+            matched.add(softmax)
+            yield chain
+
+
+def _consumers(node: Node, view: GraphView) -> set[Node]:
+    """Users of node's value, looking through contracted ops (and ignoring dead users)."""
+    out: set[Node] = set()
+    for user in node.users:
+        if view.representative.get(user) is node and user not in view.graph:
+            out |= _consumers(user, view)
+        elif user.users or user.op == "output":
+            out.add(user)
+    return out
+
+
+def _equation(node: Node, module: GraphModule) -> tuple[list[Node], str] | None:
+    """(operands, einsum equation) of a matrix product, or None for unsupported spellings."""
+    operands = _tensor_operands(node, module)
+    if len(operands) != 2:
+        return None
+    if op_name(node, module) == "einsum":
+        equation = str(node.args[0]).replace(" ", "")
+        if "..." in equation or "->" not in equation:
+            return None
+        return operands, equation
+    ranks = [len(node_shape(o) or ()) for o in operands]
+    if ranks[0] != ranks[1] or ranks[0] not in (3, 4):
+        return None
+    batch = "bh"[: ranks[0] - 2]
+    return operands, f"{batch}xy,{batch}yz->{batch}xz"
+
+
+def _perm(letters: str, canonical: str) -> tuple[int, ...] | None:
+    if sorted(letters) != sorted(canonical) or len(set(letters)) != len(letters):
+        return None
+    return tuple(letters.index(c) for c in canonical)
+
+
+def _read_qk(node: Node, module: GraphModule):
+    """(q, k, perm_q, perm_k) from the score product, or None."""
+    parsed = _equation(node, module)
+    if parsed is None:
+        return None
+    (a, b), equation = parsed
+    inputs, out = equation.split("->")
+    x, y = inputs.split(",")
+    if len(out) not in (3, 4):
+        return None
+    batch, lq, lk = out[:-2], out[-2], out[-1]
+    (q, xq), (k, xk) = ((a, x), (b, y)) if lq in x else ((b, y), (a, x))
+    contracted = (set(x) & set(y)) - set(out)
+    if len(contracted) != 1:
+        return None
+    d = contracted.pop()
+    perm_q, perm_k = _perm(xq, batch + lq + d), _perm(xk, batch + lk + d)
+    if perm_q is None or perm_k is None:
+        return None
+    return q, k, perm_q, perm_k
+
+
+def _read_pv(node: Node, probs: Node, view: GraphView, module: GraphModule):
+    """(v, perm_v, output) from the value product whose probability operand is `probs`."""
+    parsed = _equation(node, module)
+    if parsed is None:
+        return None
+    operands, equation = parsed
+    inputs, out = equation.split("->")
+    letters = inputs.split(",")
+    which = [i for i, o in enumerate(operands) if view.representative.get(o, o) is probs]
+    if len(which) != 1:
+        return None
+    xp, xv = letters[which[0]], letters[1 - which[0]]
+    v = operands[1 - which[0]]
+    contracted = (set(xp) & set(xv)) - set(out)
+    if len(contracted) != 1 or xp[-1] not in contracted or len(out) not in (3, 4):
+        return None
+    lk = xp[-1]
+    batch = "".join(c for c in xp[:-1] if c in xv and c in out)
+    rest_q = [c for c in xp[:-1] if c not in batch]
+    rest_v = [c for c in xv if c not in batch and c != lk]
+    if len(rest_q) != 1 or len(rest_v) != 1 or len(batch) != len(out) - 2:
+        return None
+    lq, dv = rest_q[0], rest_v[0]
+    canonical = batch + lq + dv
+    perm_v = _perm(xv, batch + lk + dv)
+    if perm_v is None or _perm(out, canonical) is None:
+        return None
+    # The product's result is canonical.permute(p) with p[i] = canonical.index(out[i]).
+    to_out = tuple(canonical.index(c) for c in out)
+    return v, perm_v, Output(node, to_out, merged_heads=len(out) == 3)
+
+
+def _softmax_dim_ok(node: Node, module: GraphModule) -> bool:
+    rank = len(node_shape(node) or ())
+    if node.op == "call_module":
+        dim = module.get_submodule(str(node.target)).dim
+    else:
+        dim = arg(node, 1, "dim")
+    return isinstance(dim, int) and rank > 0 and dim % rank == rank - 1
+
+
+def _dropout_p(node: Node, module: GraphModule) -> float:
+    if node.op == "call_module":
+        sub = module.get_submodule(str(node.target))
+        return sub.p if isinstance(sub, nn.Dropout) and sub.training else 0.0
+    p, train = arg(node, 1, "p", 0.5), arg(node, 2, "train", arg(node, 2, "training", True))
+    p = constant(p)
+    return (float("nan") if p is None else p) if train else 0.0
+
+
+def _site(chain: list[Node], view: GraphView, module: GraphModule) -> AttentionSite | None:
+    qk, pv = chain[0], chain[-1]
+    kinds = [view.graph.nodes[n]["kind"] for n in chain]
+    softmax = chain[kinds.index("softmax")]
+    if not _softmax_dim_ok(softmax, module):
+        return None
+    read_qk = _read_qk(qk, module)
+    read_pv = _read_pv(pv, chain[-2], view, module)
+    if read_qk is None or read_pv is None:
+        return None
+    q, k, perm_q, perm_k = read_qk
+    v, perm_v, output = read_pv
+    scale, mask, dropout = 1.0, None, 0.0
+    for node, kind in zip(chain[1:-1], kinds[1:-1], strict=True):
+        if kind == "scale":
+            scale *= _scale_of(node)
+        elif kind == "mask":
+            if op_name(node) == "masked_fill":
+                mask = arg(node, 1, "mask")
+            else:
+                mask = next(a for a in node.args[:2] if view.representative.get(a, a) not in chain)
+        elif kind == "dropout":
+            dropout = _dropout_p(node, module)
+    leaks = [
+        n.name for n, nxt in zip(chain, chain[1:], strict=False) if _consumers(n, view) != {nxt}
+    ]
+    operands = trace_qkv(q, k, v, (perm_q, perm_k, perm_v))
+    if not isinstance(operands, str):
+        qs, ks, vs = (o.blhd_shape() for o in operands[0])
+        if qs[0] != ks[0] or qs[3] != ks[3] or ks[:3] != vs[:3]:
+            operands = f"inconsistent q/k/v shapes {qs}, {ks}, {vs}"
+    unsupported = (
+        f"intermediate attention values ({', '.join(leaks)}) are used outside the attention"
+        if leaks
+        else None
+    )
+    return make_site(
+        "unfused", pv, layout_name(perm_q), operands, output,
+        scale=scale, mask=mask, dropout=dropout, unsupported=unsupported,
+    )  # fmt: skip
+
+
+def find_unfused(module: GraphModule) -> Iterator[AttentionSite]:
+    """Sites of the unfused form softmax(q·kᵀ·scale [+ mask]) · v."""
+    view = graph_view(module)
+    for chain in match_chains(view):
+        site = _site(chain, view, module)
+        if site is not None:
+            yield site
+
+
+def find_sites(module: GraphModule) -> list[AttentionSite]:
+    """Every attention site of a captured graph, in graph order, numbered from 0."""
+    order = {node: i for i, node in enumerate(module.graph.nodes)}
+    sites = sorted([*find_fused(module), *find_unfused(module)], key=lambda s: order[s.anchor])
+    for i, site in enumerate(sites):
+        site.index = i
+    return sites
