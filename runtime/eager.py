@@ -24,7 +24,7 @@ from runtime.model import CausalWanModel
 class _LayerSlot:
     """One layer's cached K/V, [B, frames·T, Hkv, D] each (None while empty)."""
 
-    def __init__(self, cache: _FrameCache):
+    def __init__(self, cache: FrameCache):
         self._cache = cache
         self.k: Tensor | None = None
         self.v: Tensor | None = None
@@ -44,7 +44,7 @@ class _LayerSlot:
         return k_all, v_all
 
 
-class _FrameCache:
+class FrameCache:
     """Frame-granular dense KV cache shared by the layers of one model.
 
     All layers hold the same frames, so the frame bookkeeping (plain Python ints) lives here
@@ -142,7 +142,7 @@ class _FrameCache:
         self._written += 1
 
 
-class GlobalCache(_FrameCache):
+class GlobalCache(FrameCache):
     """Keeps every committed frame (Self-Forcing's global KV cache)."""
 
     def _retain(self, frames: list[int]) -> tuple[int, int]:
@@ -152,7 +152,7 @@ class GlobalCache(_FrameCache):
         return "GlobalCache()"
 
 
-class RollingCache(_FrameCache):
+class RollingCache(FrameCache):
     """Keeps the first `sink_frames` frames and the most recent ones, so that a chunk attends
     to at most `window_frames` frames including itself."""
 
@@ -196,10 +196,10 @@ class EagerRunner:
     commit advances it by `frames_per_chunk`. A rejected call raises before touching the cache.
     """
 
-    def __init__(self, model: CausalWanModel, cache: _FrameCache | None = None):
+    def __init__(self, model: CausalWanModel, cache: FrameCache | None = None):
         if not isinstance(model, CausalWanModel):
             raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
-        if cache is not None and not isinstance(cache, _FrameCache):
+        if cache is not None and not isinstance(cache, FrameCache):
             raise TypeError(
                 f"cache must be a GlobalCache or RollingCache, got {type(cache).__name__}"
             )
