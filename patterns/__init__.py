@@ -1,3 +1,8 @@
+"""What to attend: video geometry, the pattern library, block scoring, block tables and the
+symbolic KV-cache footprint. Imports torch and sympy only (never codegen)."""
+
+from patterns.block_table import BlockTable
+from patterns.cache_view import CacheView
 from patterns.diagnostics import (
     attention_mass_recall,
     plot_block_mask,
@@ -5,6 +10,10 @@ from patterns.diagnostics import (
     topk_mask,
     topk_recall,
 )
+from patterns.footprint import Footprint
+from patterns.full_sequence import full_sequence_table
+from patterns.geometry import VideoGeometry
+from patterns.library import Dense, Pattern, PersistentLocal, SinkWindow, TopK
 from patterns.scoring import (
     BlockScorer,
     block_attention_mass,
@@ -20,7 +29,17 @@ from patterns.training import capture_qk, train_gates
 
 __all__ = [
     "BlockScorer",
+    "BlockTable",
+    "CacheView",
+    "Dense",
+    "Footprint",
+    "Pattern",
+    "PersistentLocal",
+    "SinkWindow",
+    "TopK",
+    "VideoGeometry",
     "block_attention_mass",
+    "full_sequence_table",
     "iter_scorers",
     "load_gates",
     "pool_key_blocks",

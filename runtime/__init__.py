@@ -1,11 +1,21 @@
 """Running the sparse AR rollout: the reference model, the eager KV caches, the rollout driver."""
 
+from runtime.attention_runtime import AttentionRuntime, StatefulRunner, bind_reference_model
+from runtime.attention_state import AttentionState
 from runtime.eager import EagerRunner, GlobalCache, RollingCache
+from runtime.full_sequence import FullSequenceAttention
 from runtime.model import CausalWanModel
 from runtime.model_config import WanConfig, wan_parameter_count
+from runtime.pool import PagePool
 from runtime.rollout import ChunkRunner, SelfForcingSchedule, generate
 
 __all__ = [
+    "AttentionRuntime",
+    "AttentionState",
+    "FullSequenceAttention",
+    "PagePool",
+    "StatefulRunner",
+    "bind_reference_model",
     "CausalWanModel",
     "ChunkRunner",
     "EagerRunner",

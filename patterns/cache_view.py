@@ -1,0 +1,88 @@
+"""`CacheView`: the plain-data picture of one layer's paged KV cache that patterns select from.
+
+The runtime builds it for every pass; patterns read it and return a `BlockTable`. Page ids
+are physical ids into the pool ``[B, Hkv, NP, page_size, D]``; every (batch, kv head) row has
+its own ids, but the frame structure (which frames are held) is shared by all rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from patterns.geometry import VideoGeometry
+
+__all__ = ["CacheView"]
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """One layer's cache as a pattern sees it during one pass.
+
+    geometry: the video geometry (F frames per chunk, ppf pages per frame, ...).
+    num_heads: query heads H (a multiple of the kv heads).
+    chunk_start: absolute frame index of the current chunk's first frame.
+    history_frames: host copy of ``frame_index`` (a tuple of ints), so that counts that size
+        a top-k are known without a device sync.
+    frame_index: int64 ``[Fh]`` absolute frame of each history slot in temporal order
+        (−1: absent slot, its page ids are meaningless).
+    frame_pages: int64 ``[B, Hkv, Fh, ppf]`` page ids of each history slot.
+    chunk_pages: int64 ``[B, Hkv, F, ppf]`` page ids holding the current chunk's K/V.
+    persistent_pages: int64 ``[B, Hkv, C]`` persistent page ids (−1: empty slot).
+    page_lens: int32 ``[B, Hkv, NP]`` valid tokens per page (the pool's).
+    key_reps: float ``[B, Hkv, NP, D]`` raw mean of each page's keys (the pool's).
+    query_reps: float ``[B, H, Mq, D]`` raw mean of each query block of the current chunk,
+        or None for patterns that do not score.
+    scorer: the layer's ``BlockScorer`` (None: an untrained one, i.e. raw pooled q·k).
+    """
+
+    geometry: VideoGeometry
+    num_heads: int
+    chunk_start: int
+    history_frames: tuple[int, ...]
+    frame_index: Tensor
+    frame_pages: Tensor
+    chunk_pages: Tensor
+    persistent_pages: Tensor
+    page_lens: Tensor
+    key_reps: Tensor
+    query_reps: Tensor | None = None
+    scorer: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        g = self.geometry
+        b, hkv = self.chunk_pages.shape[:2]
+        if self.num_heads % hkv:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of Hkv ({hkv})")
+        fh = len(self.history_frames)
+        expected = {
+            "frame_index": (self.frame_index, (fh,)),
+            "frame_pages": (self.frame_pages, (b, hkv, fh, g.pages_per_frame)),
+            "chunk_pages": (self.chunk_pages, (b, hkv, g.frames_per_chunk, g.pages_per_frame)),
+        }
+        for name, (tensor, shape) in expected.items():
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+        if self.persistent_pages.dim() != 3 or tuple(self.persistent_pages.shape[:2]) != (b, hkv):
+            raise ValueError(
+                f"persistent_pages must be [B={b}, Hkv={hkv}, C], "
+                f"got {tuple(self.persistent_pages.shape)}"
+            )
+
+    @property
+    def batch(self) -> int:
+        return self.chunk_pages.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.chunk_pages.shape[1]
+
+    @property
+    def num_persistent_slots(self) -> int:
+        return self.persistent_pages.shape[2]
+
+    @property
+    def present_history(self) -> tuple[int, ...]:
+        """Absolute frames actually held, in temporal order (host)."""
+        return tuple(f for f in self.history_frames if f >= 0)

@@ -1,0 +1,179 @@
+"""Vectorised building blocks shared by the patterns: candidate columns, forced-frame masks,
+block scores, row-wise top-k and the persistent top-C update.
+
+Nothing here loops over blocks, heads or batch rows; the only host values are counts that
+come from frame bookkeeping (Python ints), so no function syncs with the device.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from patterns.cache_view import CacheView
+from patterns.geometry import VideoGeometry
+from patterns.scoring import BlockScorer
+
+__all__ = [
+    "Columns",
+    "columns",
+    "own_frame_mask",
+    "default_scorer",
+    "gather_reps",
+    "block_logits",
+    "topk_mask",
+    "top_c_update",
+]
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A view's candidate pages as columns: ``[persistent C | history Fh·ppf | chunk F·ppf]``.
+
+    ids: int64 ``[B, Hkv, N]`` physical page ids (meaningless where not valid).
+    valid: bool ``[B, Hkv, N]`` the column names a held page.
+    frame: int64 ``[N]`` absolute frame of the column's page (−1 for persistent columns).
+    """
+
+    ids: Tensor
+    valid: Tensor
+    frame: Tensor
+    num_persistent: int
+    num_history: int
+    num_chunk: int
+
+
+def columns(view: CacheView) -> Columns:
+    """The candidate columns of a view (persistent first, then history, then the chunk)."""
+    g = view.geometry
+    ppf, device = g.pages_per_frame, view.chunk_pages.device
+    b, hkv = view.batch, view.num_kv_heads
+    hist_ids = view.frame_pages.reshape(b, hkv, -1)
+    chunk_ids = view.chunk_pages.reshape(b, hkv, -1)
+    ids = torch.cat([view.persistent_pages.clamp(min=0), hist_ids, chunk_ids], dim=-1)
+    hist_frame = view.frame_index.repeat_interleave(ppf)
+    chunk_frame = torch.arange(
+        view.chunk_start, view.chunk_start + g.frames_per_chunk, device=device
+    ).repeat_interleave(ppf)
+    persist_frame = torch.full((view.num_persistent_slots,), -1, device=device)
+    frame = torch.cat([persist_frame, hist_frame, chunk_frame])
+    valid = torch.cat(
+        [
+            view.persistent_pages >= 0,
+            (hist_frame >= 0).expand(b, hkv, -1),
+            torch.ones(b, hkv, chunk_ids.shape[-1], dtype=torch.bool, device=device),
+        ],
+        dim=-1,
+    )
+    return Columns(
+        ids, valid, frame, view.num_persistent_slots, hist_ids.shape[-1], chunk_ids.shape[-1]
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _q_block_frames(geometry: VideoGeometry, device: torch.device) -> Tensor:
+    return geometry.q_block_frames(device=device)
+
+
+def own_frame_mask(view: CacheView, frame: Tensor) -> Tensor:
+    """bool ``[Mq, N]``: column n's page lies in a frame that query block m touches."""
+    q_frames = _q_block_frames(view.geometry, frame.device) + view.chunk_start
+    return (frame >= q_frames[:, :1]) & (frame <= q_frames[:, 1:])
+
+
+def max_own_pages(geometry: VideoGeometry) -> int:
+    """Most pages a query block's own frames hold (host int, from geometry only)."""
+    q_frames = _q_block_frames(geometry, torch.device("cpu"))
+    frames = int((q_frames[:, 1] - q_frames[:, 0]).max()) + 1
+    return frames * geometry.pages_per_frame
+
+
+@functools.lru_cache(maxsize=16)
+def _identity_scorer(heads: int, kv_heads: int, dim: int, device: torch.device) -> BlockScorer:
+    return BlockScorer(heads, kv_heads, dim).to(device).requires_grad_(False)
+
+
+def default_scorer(
+    scorer: nn.Module | None, heads: int, kv_heads: int, dim: int, device: torch.device
+) -> nn.Module:
+    """``scorer``, or an untrained (identity) ``BlockScorer``: raw pooled q·k / sqrt(D)."""
+    return scorer if scorer is not None else _identity_scorer(heads, kv_heads, dim, device)
+
+
+def gather_reps(key_reps: Tensor, ids: Tensor) -> Tensor:
+    """Key reps of the listed pages: key_reps ``[B, Hkv, NP, D]``, ids int ``[B, Hkv, N]``
+    (negative ids read page 0) → ``[B, Hkv, N, D]``."""
+    idx = ids.clamp(min=0)[..., None].expand(*ids.shape, key_reps.shape[-1])
+    return key_reps.gather(2, idx)
+
+
+def block_logits(view: CacheView, key_reps: Tensor) -> Tensor:
+    """float32 ``[B, H, Mq, N]`` scores of the view's query blocks against key_reps
+    ``[B, Hkv, N, D]`` by the view's scorer."""
+    if view.query_reps is None:
+        raise ValueError("this pattern scores blocks: the view needs query_reps")
+    q = view.query_reps
+    scorer = default_scorer(view.scorer, q.shape[1], key_reps.shape[1], q.shape[3], q.device)
+    return scorer.block_logits(q, key_reps)
+
+
+def topk_mask(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
+    """bool mask of the ``k`` best allowed entries of every row of ``scores`` (last dim).
+
+    allowed broadcasts against scores; rows with fewer than k allowed entries keep all of
+    them. ``k`` is a host int.
+    """
+    allowed = allowed.expand_as(scores)
+    if k >= scores.shape[-1]:
+        return allowed.clone()
+    if k <= 0:
+        return torch.zeros_like(allowed)
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    picked = torch.zeros_like(allowed).scatter_(-1, masked.topk(k, dim=-1).indices, True)
+    return picked & allowed
+
+
+def top_c_update(
+    persistent: Tensor,
+    num_persistent: int,
+    evicted: Tensor,
+    capacity: int,
+    key_reps: Tensor,
+    query_reps: Tensor,
+    scorer: nn.Module | None,
+) -> tuple[Tensor, int, Tensor]:
+    """P ← TopC(P ∪ E) per (batch, kv head) by the scorer's importance for the clean queries.
+
+    persistent: int64 ``[B, Hkv, C]`` with the ``num_persistent`` valid ids first, −1 after.
+    evicted: int64 ``[B, Hkv, E]`` page ids leaving the window (all valid).
+    key_reps: the pool's ``[B, Hkv, NP, D]``; query_reps ``[B, H, Mq, D]``.
+    Returns (new persistent ``[B, Hkv, C]``, valid ids first and ascending, −1 after; the new
+    valid count; freed ids ``[B, Hkv, num_persistent + E − kept]``).
+    """
+    b, hkv, slots = persistent.shape
+    if slots != capacity:
+        raise ValueError(f"persistent must have {capacity} slots, got {slots}")
+    candidates = torch.cat([persistent[..., :num_persistent], evicted], dim=-1)
+    n = candidates.shape[-1]
+    keep = min(capacity, n)
+    if keep == n:
+        kept, freed = candidates, candidates[..., :0]
+    else:
+        valid = torch.ones_like(candidates, dtype=torch.bool)
+        scorer = default_scorer(
+            scorer, query_reps.shape[1], hkv, query_reps.shape[3], query_reps.device
+        )
+        importance = scorer.importance(query_reps, gather_reps(key_reps, candidates), valid)
+        top = importance.topk(keep, dim=-1).indices
+        kept_mask = torch.zeros_like(valid).scatter_(-1, top, True)
+        # stable sort puts the freed columns (False) first, in column order
+        order = torch.sort(kept_mask.to(torch.int8), dim=-1, stable=True).indices
+        freed = candidates.gather(-1, order[..., : n - keep])
+        kept = candidates.gather(-1, order[..., n - keep :])
+    kept = kept.sort(dim=-1).values
+    new = torch.full_like(persistent, -1)
+    new[..., :keep] = kept
+    return new, keep, freed

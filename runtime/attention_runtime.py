@@ -1,0 +1,288 @@
+"""`AttentionRuntime` (the page pool and every layer's `AttentionState`) and `StatefulRunner`
+(any chunk-form model driven through the runtime, as a ``ChunkRunner``)."""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from codegen.api import BACKENDS
+from patterns import Footprint, Pattern, VideoGeometry
+from patterns.footprint import evaluate
+from runtime.attention_state import PHASES, AttentionState, RuntimeCursor
+from runtime.model import CausalWanModel
+from runtime.pool import PagePool
+
+__all__ = ["AttentionRuntime", "StatefulRunner", "bind_reference_model"]
+
+
+def _positive_int(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class AttentionRuntime(nn.Module):
+    """The paged KV cache of one model: a `PagePool` shared by ``num_layers`` states.
+
+    Protocol per pass: ``with runtime.chunk_pass(start_frame, commit): model(...)`` — every
+    state (``runtime.states[i]``) is called once inside. Chunks come in order: a chunk starts
+    right after the last committed frame, and its commit pass advances that by F frames.
+
+    The pool holds ``pattern.footprint().peak_pages()`` pages for the run's chunk count: the
+    exact peak of the rollout (bounded patterns reach their ``peak_bound_pages`` and stay).
+    debug: validate every block table and every freed page (syncs with the device).
+    """
+
+    def __init__(
+        self,
+        pattern: Pattern,
+        geometry: VideoGeometry,
+        num_layers: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        backend: str = "auto",
+        debug: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a patterns.Pattern, got {type(pattern).__name__}")
+        if not isinstance(geometry, VideoGeometry):
+            raise TypeError(f"geometry must be a VideoGeometry, got {type(geometry).__name__}")
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            _positive_int(value, name)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        pattern.check_geometry(geometry)
+        self.pattern, self.geometry = pattern, geometry
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self._cursor = RuntimeCursor(backend=backend, debug=debug)
+        self.states = nn.ModuleList(
+            AttentionState(pattern, geometry, num_heads, num_kv_heads, head_dim, self._cursor)
+            for _ in range(num_layers)
+        )
+        self._num_frames = 0
+        self._committed = 0
+        self._broken = False
+
+    @property
+    def footprint(self) -> Footprint:
+        return self.pattern.footprint()
+
+    @property
+    def pool(self) -> PagePool | None:
+        return self._cursor.pool
+
+    @property
+    def backend(self) -> str:
+        return self._cursor.backend
+
+    @property
+    def committed_frames(self) -> int:
+        """Frames committed since ``reset`` (= the start of the next chunk)."""
+        return self._committed
+
+    @property
+    def current_kv_bytes(self) -> int:
+        pool = self._cursor.pool
+        return 0 if pool is None else pool.current_bytes
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        pool = self._cursor.pool
+        return 0 if pool is None else pool.peak_bytes
+
+    def pool_pages(self, num_frames: int) -> int:
+        """Pages the pool needs for a rollout of ``num_frames`` frames (scratch included)."""
+        chunks = num_frames // self.geometry.frames_per_chunk
+        return evaluate(
+            self.footprint.peak_pages(), self.geometry, num_layers=len(self.states), chunks=chunks
+        )
+
+    def reset(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, num_frames: int
+    ) -> None:
+        """Empty the cache and size the pool for ``num_frames`` frames of ``batch_size``
+        videos (moves the scorers to ``device``)."""
+        _positive_int(batch_size, "batch_size")
+        _positive_int(num_frames, "num_frames")
+        f = self.geometry.frames_per_chunk
+        if num_frames % f:
+            raise ValueError(
+                f"num_frames must be a multiple of frames_per_chunk={f}, got {num_frames}"
+            )
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        chunks = num_frames // f
+        history = evaluate(
+            self.footprint.history_frames, self.geometry, num_layers=len(self.states), chunks=chunks
+        )
+        pool = PagePool(
+            self.geometry,
+            batch_size,
+            self.num_kv_heads,
+            self.head_dim,
+            self.pool_pages(num_frames),
+            self.geometry.pages_per_chunk,
+            device=device,
+            dtype=dtype,
+            check=self._cursor.debug,
+        )
+        self.to(device)
+        self._cursor.pool, self._cursor.phase = pool, None
+        for state in self.states:
+            state.reset(pool, history)
+        self._num_frames, self._committed, self._broken = num_frames, 0, False
+
+    def begin_chunk(self, start_frame: int) -> None:
+        """Enter the chunk starting at ``start_frame`` (= the committed frame count)."""
+        if self._cursor.pool is None:
+            raise RuntimeError("AttentionRuntime.reset(...) must be called before running chunks")
+        if self._broken:
+            raise RuntimeError("a failed commit left the layers inconsistent; call reset(...)")
+        if self._cursor.phase is not None:
+            raise RuntimeError(f"a {self._cursor.phase} pass is still open")
+        start = operator.index(start_frame)
+        if start != self._committed:
+            raise ValueError(
+                f"start_frame={start}: the next chunk starts right after the last committed "
+                f"frame, at {self._committed}"
+            )
+        if start + self.geometry.frames_per_chunk > self._num_frames:
+            raise ValueError(f"start_frame={start} runs past num_frames={self._num_frames}")
+        self._cursor.chunk_start = start
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """One pass over the chunk entered by ``begin_chunk``: "denoise" or "commit"."""
+        if name not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {name!r}")
+        if self._cursor.pool is None or self._broken:
+            raise RuntimeError("reset(...) the runtime before running a pass")
+        if self._cursor.phase is not None:
+            raise RuntimeError(f"a {self._cursor.phase} pass is still open")
+        start = self._cursor.chunk_start
+        if start != self._committed:
+            raise RuntimeError(f"begin_chunk({self._committed}) first")
+        self._cursor.phase = name
+        try:
+            yield
+        except BaseException:
+            if name == "commit" and any(s.committed_frames > start for s in self.states):
+                self._broken = True
+            raise
+        else:
+            if name == "commit":
+                missing = [i for i, s in enumerate(self.states) if s.committed_frames <= start]
+                if missing:
+                    self._broken = any(s.committed_frames > start for s in self.states)
+                    raise RuntimeError(f"commit pass ended without calling layers {missing}")
+                self._committed = start + self.geometry.frames_per_chunk
+        finally:
+            self._cursor.phase = None
+
+    @contextmanager
+    def chunk_pass(self, start_frame: int, commit: bool) -> Iterator[None]:
+        """``begin_chunk(start_frame)`` then one ``phase`` ("commit" if commit)."""
+        if not isinstance(commit, bool):
+            raise TypeError(f"commit must be a bool, got {type(commit).__name__}")
+        self.begin_chunk(start_frame)
+        with self.phase("commit" if commit else "denoise"):
+            yield
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern}, geometry={self.geometry}, backend={self.backend!r}"
+
+
+class StatefulRunner(nn.Module):
+    """A ``ChunkRunner`` for any chunk-form callable whose self-attentions are the runtime's
+    states: ``chunk_fn(x, timestep, context, start_frame) -> flow`` runs inside
+    ``attention_runtime.chunk_pass(start_frame, commit)``."""
+
+    def __init__(self, chunk_fn: Callable[..., Tensor], attention_runtime: AttentionRuntime):
+        super().__init__()
+        if not callable(chunk_fn):
+            raise TypeError(f"chunk_fn must be callable, got {type(chunk_fn).__name__}")
+        if not isinstance(attention_runtime, AttentionRuntime):
+            raise TypeError(
+                f"attention_runtime must be an AttentionRuntime, got "
+                f"{type(attention_runtime).__name__}"
+            )
+        self.chunk_fn = chunk_fn
+        self.runtime = attention_runtime
+
+    @property
+    def current_kv_bytes(self) -> int:
+        return self.runtime.current_kv_bytes
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        return self.runtime.peak_kv_bytes
+
+    def reset(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype, num_frames: int
+    ) -> None:
+        self.runtime.reset(batch_size, device, dtype, num_frames)
+
+    def forward(
+        self, x: Tensor, timestep: Tensor, context: Tensor, start_frame: int, commit: bool
+    ) -> Tensor:
+        with self.runtime.chunk_pass(start_frame, commit):
+            return self.chunk_fn(x, timestep, context, start_frame)
+
+    @classmethod
+    def for_reference_model(
+        cls,
+        model: CausalWanModel,
+        pattern: Pattern,
+        *,
+        page_size: int = 128,
+        q_block: int = 128,
+        backend: str = "auto",
+        debug: bool = False,
+    ) -> StatefulRunner:
+        """A runner of a copy of the reference model with its self-attention on the runtime
+        (the model itself is left untouched)."""
+        if not isinstance(model, CausalWanModel):
+            raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
+        cfg = model.config
+        geometry = VideoGeometry(cfg.tokens_per_frame, cfg.frames_per_chunk, page_size, q_block)
+        runtime = AttentionRuntime(
+            pattern,
+            geometry,
+            cfg.num_layers,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            backend,
+            debug,
+        )
+        return cls(bind_reference_model(model, runtime), runtime)
+
+
+def bind_reference_model(model: CausalWanModel, runtime: AttentionRuntime) -> CausalWanModel:
+    """Deep copy of ``model`` whose layer i self-attention is ``runtime.states[i]``."""
+    if len(model.blocks) != len(runtime.states):
+        raise ValueError(
+            f"model has {len(model.blocks)} layers, the runtime {len(runtime.states)} states"
+        )
+    bound = copy.deepcopy(model)
+    for block, state in zip(bound.blocks, runtime.states, strict=True):
+        block.self_attn.attn = state
+    return bound

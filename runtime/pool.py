@@ -1,0 +1,207 @@
+"""`PagePool`: the paged KV cache shared by every self-attention layer of a model.
+
+Pages are ``page_size``-token tiles of one frame (``patterns.VideoGeometry``). Each
+(batch, kv head) row has its own free list, but every row allocates and frees the same number
+of pages at once, so the used count is one host integer and allocation never syncs with the
+device. The pool is sized once (from the pattern's footprint) and never grows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from patterns import VideoGeometry, pool_key_blocks
+
+__all__ = ["PagePool"]
+
+
+class PagePool:
+    """Fixed-size page pool.
+
+    Tensors (``NP = num_pages``):
+        k, v: ``[B, Hkv, NP, page_size, D]`` in the model's dtype.
+        page_lens: int32 ``[B, Hkv, NP]`` valid tokens per page (0 for free pages).
+        key_reps: float32 ``[B, Hkv, NP, D]`` mean of each page's valid keys.
+        used: bool ``[B, Hkv, NP]`` (the free list; every row has the same count).
+    Pages ``[0, scratch_pages)`` are the scratch range: always used, never allocated or
+    freed; a layer writes the current chunk there during its passes.
+
+    check: verify page ids on ``free`` (double free, scratch, duplicates). It reads device
+    memory, i.e. syncs; the runtime enables it in debug mode.
+    """
+
+    def __init__(
+        self,
+        geometry: VideoGeometry,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_pages: int,
+        scratch_pages: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        check: bool = True,
+    ):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("num_pages", num_pages),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(scratch_pages, int) or not 0 <= scratch_pages <= num_pages:
+            raise ValueError(
+                f"scratch_pages must be an int in [0, {num_pages}], got {scratch_pages!r}"
+            )
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        self.geometry = geometry
+        self.check = check
+        device = torch.device(device)
+        shape = (batch_size, num_kv_heads, num_pages)
+        page = geometry.page_size
+        # zeros, not empty: the torch backend multiplies masked slots by 0, and 0·NaN = NaN
+        self.k = torch.zeros(*shape, page, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.page_lens = torch.zeros(shape, device=device, dtype=torch.int32)
+        self.key_reps = torch.zeros(*shape, head_dim, device=device, dtype=torch.float32)
+        self.used = torch.zeros(shape, device=device, dtype=torch.bool)
+        self.used[..., :scratch_pages] = True
+        self.scratch_ids = torch.arange(scratch_pages, device=device).expand(*shape[:2], -1)
+        self._rows = (
+            torch.arange(batch_size, device=device)[:, None, None],
+            torch.arange(num_kv_heads, device=device)[None, :, None],
+        )
+        self.scratch_pages = scratch_pages
+        self.num_used = scratch_pages
+        self.peak_used = scratch_pages
+        self.page_bytes = 2 * batch_size * num_kv_heads * page * head_dim * self.k.element_size()
+
+    # -- sizes ------------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[4]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def current_bytes(self) -> int:
+        """K/V bytes of the used pages (scratch included), over the batch and kv heads."""
+        return self.num_used * self.page_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak_used * self.page_bytes
+
+    # -- free list --------------------------------------------------------------------------
+
+    def allocate(self, n: int) -> Tensor:
+        """n free pages per (batch, kv head): int64 ``[B, Hkv, n]`` (lowest free ids,
+        ascending). Raises RuntimeError, allocating nothing, when fewer than n are free."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        if self.num_used + n > self.num_pages:
+            raise RuntimeError(
+                f"page pool full: {n} pages requested, {self.num_pages - self.num_used} free of "
+                f"{self.num_pages} (the pool is sized from the pattern's footprint; it never grows)"
+            )
+        # a stable sort puts the free pages (False) first, in id order
+        ids = torch.sort(self.used.to(torch.int8), dim=-1, stable=True).indices[..., :n]
+        self.used.scatter_(-1, ids, True)
+        self.num_used += n
+        self.peak_used = max(self.peak_used, self.num_used)
+        return ids
+
+    def _check_ids(self, ids: Tensor, name: str) -> None:
+        rows = (self.batch_size, self.num_kv_heads)
+        if not isinstance(ids, Tensor) or ids.dtype != torch.int64 or ids.dim() != 3:
+            raise ValueError(f"{name} must be an int64 tensor [B, Hkv, n]")
+        if tuple(ids.shape[:2]) != rows or ids.device != self.device:
+            raise ValueError(
+                f"{name} must be [B={rows[0]}, Hkv={rows[1]}, n] on {self.device}, "
+                f"got {tuple(ids.shape)} on {ids.device}"
+            )
+
+    def free(self, ids: Tensor) -> None:
+        """Return pages ``ids`` (int64 ``[B, Hkv, n]``) to the free list.
+
+        With ``check``: ValueError, freeing nothing, if a page is free already, a scratch page,
+        out of range or listed twice in a row.
+        """
+        self._check_ids(ids, "ids")
+        n = ids.shape[-1]
+        if self.check and n:
+            in_range = (ids >= self.scratch_pages) & (ids < self.num_pages)
+            safe = ids.clamp(0, self.num_pages - 1)
+            distinct = (ids.sort(dim=-1).values.diff(dim=-1) != 0).all()
+            if not bool(in_range.all() & self.used.gather(-1, safe).all() & distinct):
+                raise ValueError(
+                    "ids: every page must be an allocated, non-scratch page listed once per row "
+                    "(double free?)"
+                )
+        self.used.scatter_(-1, ids, False)
+        self.page_lens.scatter_(-1, ids, 0)
+        self.num_used -= n
+
+    # -- contents ---------------------------------------------------------------------------
+
+    def write(self, ids: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write whole frames into pages and compute their key reps.
+
+        ids: int64 ``[B, Hkv, n·ppf]`` (frame f goes to ``ids[..., f·ppf:(f+1)·ppf]``);
+        k, v: BLHD ``[B, n·T, Hkv, D]`` in the pool's dtype.
+        """
+        self._check_ids(ids, "ids")
+        g = self.geometry
+        b, hkv, d = self.batch_size, self.num_kv_heads, self.head_dim
+        frames = ids.shape[-1] // g.pages_per_frame
+        expected = (b, frames * g.tokens_per_frame, hkv, d)
+        if ids.shape[-1] % g.pages_per_frame:
+            raise ValueError(f"ids must list whole frames ({g.pages_per_frame} pages each)")
+        for name, x in (("k", k), ("v", v)):
+            if tuple(x.shape) != expected or x.dtype != self.dtype or x.device != self.device:
+                raise ValueError(
+                    f"{name} must be {self.dtype} {list(expected)} on {self.device}, got "
+                    f"{x.dtype} {list(x.shape)} on {x.device}"
+                )
+        rows_b, rows_h = self._rows
+        self.k[rows_b, rows_h, ids] = g.to_pages(k)
+        self.v[rows_b, rows_h, ids] = g.to_pages(v)
+        lens = g.frame_page_lens(self.device).repeat(frames)
+        self.page_lens[rows_b, rows_h, ids] = lens.expand(b, hkv, -1)
+        per_frame = k.reshape(b * frames, g.tokens_per_frame, hkv, d)
+        reps = pool_key_blocks(per_frame, g.page_size)  # [B·n, Hkv, ppf, D]
+        reps = reps.reshape(b, frames, hkv, g.pages_per_frame, d).transpose(1, 2)
+        self.key_reps[rows_b, rows_h, ids] = reps.reshape(b, hkv, -1, d).float()
+
+    def copy(self, src: Tensor, dst: Tensor) -> None:
+        """Copy pages (K, V, lengths, key reps) ``src`` → ``dst``, int64 ``[B, Hkv, n]``."""
+        self._check_ids(src, "src")
+        self._check_ids(dst, "dst")
+        if src.shape != dst.shape:
+            raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ")
+        rows_b, rows_h = self._rows
+        for t in (self.k, self.v, self.page_lens, self.key_reps):
+            t[rows_b, rows_h, dst] = t[rows_b, rows_h, src]
