@@ -70,7 +70,7 @@ def register_selector(builder: Selector) -> None:
 def build_table(
     case: KernelCase, density: float, device: torch.device, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
-    """(kv_num_blocks int32 [1, H, Mq], kv_indices int32 [1, H, Mq, NP]) of the case.
+    """(kv_num_blocks int32 [1, H, Mq], kv_indices int32 [1, H, Mq, Kmax]) of the case.
 
     Visible: persistent pages, the pages holding the query block's own frames, and
     round(density · other window pages) random others (seeded).
@@ -94,7 +94,8 @@ def build_table(
     counts = visible.sum(-1).to(torch.int32)
     order = torch.where(visible, pages, pages + npg).sort(-1).values
     idx = torch.where(pages < counts[..., None], order, 0).to(torch.int32)
-    return counts[None], idx[None]
+    kmax = int(counts.max())  # table width = the longest row, as a real selector emits
+    return counts[None], idx[None, ..., :kmax].contiguous()
 
 
 def computed_tokens(case: KernelCase, counts: Tensor) -> float:
@@ -169,12 +170,13 @@ def _record(case, density, impl, ms, computed, **extra) -> dict:
 
 def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Records of one case (all densities) and, with sweep, every candidate config's time."""
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
     import codegen
     from codegen.autotune import autotune, candidate_configs
     from codegen.launch import pbsa_triton
     from codegen.problem import validate
-    from torch.nn.attention import sdpa_kernel
-    from torch.nn.attention.flex_attention import flex_attention
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(seed)

@@ -23,6 +23,7 @@ class LaunchConfig:
     num_stages: int = 2
     tma: bool = False
     warp_specialize: bool = False
+    lazy_mask: bool = False
 
 
 def supports_tma(device: torch.device) -> bool:
@@ -52,6 +53,7 @@ def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
         return_lse=return_lse,
         tma=config.tma,
         warp_specialize=config.warp_specialize,
+        lazy_mask=config.lazy_mask,
     )
 
 
@@ -84,6 +86,11 @@ def _kv_tma_args(p: Problem, spec: KernelSpec) -> tuple[object, object, tuple[in
     return descs[0], descs[1], rows
 
 
+def _aligned(t: Tensor) -> bool:
+    """Unit stride on the head dim and every other stride a multiple of 16 elements."""
+    return t.stride(-1) == 1 and all(s % 16 == 0 for s in t.stride()[:-1])
+
+
 def pbsa_triton(
     p: Problem,
     *,
@@ -100,16 +107,20 @@ def pbsa_triton(
     spec = spec_for(p, config, return_lse)
     kernel = get_kernel(spec, interpret=interpret)
 
-    k, v = p.k, p.v
-    if spec.tma and not (k.is_contiguous() and v.is_contiguous()):
-        k, v = k.contiguous(), v.contiguous()
-        p = dataclasses.replace(p, k=k, v=v)
+    # The kernel assumes 16-element-aligned strides (and TMA contiguous K/V): copy otherwise.
+    q = p.q if _aligned(p.q) else p.q.contiguous()
+    k, v = (
+        t if (t.is_contiguous() if spec.tma else _aligned(t)) else t.contiguous()
+        for t in (p.k, p.v)
+    )
+    if q is not p.q or k is not p.k or v is not p.v:
+        p = dataclasses.replace(p, q=q, k=k, v=v)
     if out is None:
         out = torch.empty_like(p.q, memory_format=torch.contiguous_format)
+    elif not _aligned(out) or out.shape != p.q.shape:
+        raise ValueError("out: expected q's shape with 16-element-aligned strides")
     if lse is None and return_lse:
         lse = torch.empty(p.batch, p.heads, p.q_len, dtype=torch.float32, device=p.q.device)
-    if p.q.stride(-1) != 1 or out.stride(-1) != 1:
-        raise ValueError("q, out: the head dimension must be contiguous (stride 1)")
 
     def bhl(t: Tensor) -> tuple[int, int, int]:
         sb, s1, s2, _ = t.stride()

@@ -80,6 +80,7 @@ def render(spec: KernelSpec) -> str:
             spec_key=spec.key(),
             name=spec.name,
             runtime_ints=runtime_int_args(spec),
+            stride_args=[a for a in runtime_int_args(spec) if a.startswith("stride_")],
             dot_precision=precision,
         )
     )

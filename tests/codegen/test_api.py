@@ -78,6 +78,7 @@ def test_empty_table_gives_zero_and_neg_inf(backend):
         q_block=16,
         num_pages=3,
         seed=1,
+        device=DEVICE,
     )
     args["kv_num_blocks"].zero_()
     args["kv_indices"].fill_(12345)  # padding is never read, whatever it holds

@@ -12,14 +12,16 @@ from codegen.samples import random_inputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
+HOPPER = CUDA and supports_tma(torch.device("cuda"))
 CONFIGS = [LaunchConfig(block_m=32, num_warps=4, num_stages=2)]
-if not CUDA or supports_tma(torch.device("cuda")):
+if not CUDA or HOPPER:
     # The interpreter runs the TMA path too (host tensor descriptors are emulated).
-    CONFIGS.append(LaunchConfig(block_m=32, num_warps=4, num_stages=2, tma=True))
-if CUDA and supports_tma(torch.device("cuda")):
+    CONFIGS.append(LaunchConfig(block_m=32, num_warps=4, num_stages=2, tma=True, lazy_mask=True))
+if HOPPER:
     CONFIGS += [
-        LaunchConfig(block_m=64, num_warps=4, num_stages=3, tma=True, warp_specialize=True),
-        LaunchConfig(block_m=128, num_warps=8, num_stages=2, tma=True),
+        LaunchConfig(block_m=64, num_warps=4, num_stages=3, tma=True),
+        LaunchConfig(block_m=64, num_warps=4, num_stages=3, lazy_mask=True),
+        LaunchConfig(block_m=128, num_warps=8, num_stages=2, tma=True, warp_specialize=True),
     ]
 
 
