@@ -106,6 +106,14 @@ class SparsifiedModule(nn.Module):
         args, kwargs = runtime_inputs(args, kwargs)
         return self.graph_module(*args, **kwargs)
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """`torch.compile` the rewritten graph in place (arguments as for `torch.compile`).
+
+        Only the graph is compiled: the runner's cache bookkeeping is Python state that must
+        run around it, not be traced into it.
+        """
+        self.graph_module.compile(*args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, {len(self.plan.rewritten)}/{len(self.plan.rows)} rewritten"
 
@@ -184,10 +192,6 @@ def _decide(
     return reasons
 
 
-def _kind(site: AttentionSite, verdict: Verdict | None) -> str:
-    return "?" if verdict is None else verdict.kind
-
-
 def sparsify(
     model: nn.Module,
     example_inputs: Any,
@@ -234,7 +238,8 @@ def sparsify(
             "(x, timestep, context, start_frame)"
         )
     geometry = _geometry(model, geometry, options)
-    pattern.check_geometry(geometry)
+    if mode == "cached":
+        pattern.check_geometry(geometry)
 
     captured = capture(model, args, kwargs, tuple(options.get("capture_methods", CAPTURE_METHODS)))
     graph_module = captured.graph_module
@@ -266,7 +271,7 @@ def sparsify(
     site_ids = {s.index: bind(m) for s, m in zip(chosen, modules, strict=True)}
     rewrite(graph_module, sites, site_ids)
 
-    resolved = backend if backend != "auto" else f"auto ({_auto_backend(args, kwargs)})"
+    resolved = _backend_label(backend, args, kwargs)
     target = "AttentionState" if mode == "cached" else "FullSequenceAttention"
     layer_of = {s.index: i for i, s in enumerate(chosen)}
     rows = []
@@ -275,7 +280,7 @@ def sparsify(
         rows.append(
             PlanRow(
                 site=s.index,
-                kind=_kind(s, verdicts.get(s.index)),
+                kind=verdicts[s.index].kind if s.index in verdicts else "?",
                 layer=s.layer,
                 module_path=s.module_path,
                 form=s.form,
@@ -303,6 +308,12 @@ FORMS = (
 )
 
 
-def _auto_backend(args: tuple, kwargs: dict) -> str:
-    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-    return "triton" if any(t.is_cuda for t in tensors) else "torch"
+def _backend_label(backend: str, args: tuple, kwargs: dict) -> str:
+    """The backend as the plan shows it: "auto" resolved from the example inputs' device."""
+    if backend != "auto":
+        return backend
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    devices = {t.device.type for t in leaves if isinstance(t, Tensor)}
+    if "cuda" in devices:
+        return "auto (triton)"
+    return "auto (torch)" if "cpu" in devices else "auto"
