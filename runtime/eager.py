@@ -22,26 +22,54 @@ from runtime.model import CausalWanModel
 
 
 class _LayerSlot:
-    """One layer's cached K/V, [B, frames·T, Hkv, D] each (None while empty)."""
+    """One layer's cache: K/V buffers [B, capacity·T, Hkv, D] filled in frame order.
+
+    As in Self-Forcing, a pass writes the chunk's K/V in place right after the held history
+    and attends to the prefix view, so no pass concatenates or copies the history. Only the
+    commit moves data, once per chunk, when frames leave the policy (`compact`).
+    """
 
     def __init__(self, cache: FrameCache):
         self._cache = cache
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self.tokens = 0  # committed history tokens at the front of the buffers
+        self.committed = 0  # tokens of the chunk being committed, written after the history
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+        """Bytes of K/V held: history plus a chunk being committed (the buffers' unused
+        tail, and a denoising pass's chunk, which the next pass overwrites, are not cache)."""
+        if self.k is None:
+            return 0
+        per_token = self.k[0, 0].numel() * self.k.shape[0] * self.k.element_size()
+        return 2 * (self.tokens + self.committed) * per_token
 
     def keys_values(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """History ∪ chunk for the chunk's k, v [B, Lc, Hkv, D]; stores it when committing."""
-        if self.k is not None:
-            k_all, v_all = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-        else:
-            k_all, v_all = k, v
+        """History ∪ chunk for the chunk's k, v [B, Lc, Hkv, D] (views of the buffers)."""
+        held, chunk = self.tokens, k.shape[1]
+        if self.k is None or self.k.shape[0] != k.shape[0] or self.k.shape[2:] != k.shape[2:] \
+                or self.k.dtype != k.dtype or self.k.device != k.device:
+            shape = (k.shape[0], self._cache.capacity_tokens, *k.shape[2:])
+            self.k = k.new_empty(shape)
+            self.v = v.new_empty(shape)
+        self.k[:, held : held + chunk] = k
+        self.v[:, held : held + chunk] = v
         if self._cache.committing:
-            self._cache._store(self, k_all, v_all, chunk_bytes=k.nbytes + v.nbytes)
-        return k_all, v_all
+            self.committed = chunk
+            self._cache._note_commit()
+        return self.k[:, : held + chunk], self.v[:, : held + chunk]
+
+    def compact(self, total_frames: int, oldest: int, newest: int, per_frame: int) -> None:
+        """After a commit: keep the `oldest` and `newest` of the `total_frames` now written."""
+        if oldest + newest < total_frames:
+            src = slice((total_frames - newest) * per_frame, total_frames * per_frame)
+            dst = slice(oldest * per_frame, (oldest + newest) * per_frame)
+            # clone: source and destination may overlap
+            self.k[:, dst] = self.k[:, src].clone()
+            self.v[:, dst] = self.v[:, src].clone()
+        self.tokens = (oldest + newest) * per_frame
+        self.committed = 0
 
 
 class FrameCache:
@@ -49,7 +77,8 @@ class FrameCache:
 
     All layers hold the same frames, so the frame bookkeeping (plain Python ints) lives here
     and the tensors live in the per-layer slots. A policy says, after each commit, how many
-    of the oldest frames (the sink) and of the newest frames to keep.
+    of the oldest frames (the sink) and of the newest frames to keep, and how many frames the
+    buffers must hold at most (`_capacity_frames`).
     """
 
     def __init__(self) -> None:
@@ -57,12 +86,11 @@ class FrameCache:
         self._frames: list[int] = []
         self._tokens_per_frame = 0
         self._frames_per_chunk = 0
-        self._bytes = 0
+        self._capacity = 0
         self._peak = 0
         self.committing = False
         self._keep: tuple[int, int] = (0, 0)
         self._pending: list[int] = []
-        self._written = 0
 
     # -- policy -------------------------------------------------------------------------------
 
@@ -73,6 +101,10 @@ class FrameCache:
         """(oldest, newest) counts of `frames` (ascending) to keep for the next chunk."""
         raise NotImplementedError
 
+    def _capacity_frames(self, num_frames: int) -> int:
+        """Most frames (history ∪ current chunk) held at once in a rollout of `num_frames`."""
+        raise NotImplementedError
+
     # -- bookkeeping ---------------------------------------------------------------------------
 
     @property
@@ -81,30 +113,36 @@ class FrameCache:
         return tuple(self._frames)
 
     @property
+    def capacity_tokens(self) -> int:
+        return self._capacity * self._tokens_per_frame
+
+    @property
     def kv_bytes(self) -> int:
-        """Bytes of K and V currently held, summed over layers."""
-        return self._bytes
+        """Bytes of committed K and V currently held, summed over layers."""
+        return sum(slot.nbytes for slot in self._slots)
 
     @property
     def peak_kv_bytes(self) -> int:
-        """Largest `kv_bytes` since `reset`, counting a chunk being committed before the
-        layer drops the frames that left the policy (so Σ layers history + one chunk)."""
+        """Largest `kv_bytes` since `reset`: at the end of a commit pass every layer holds
+        its history and the new chunk, before the frames that left the policy are dropped."""
         return self._peak
 
-    def reset(self, num_layers: int, tokens_per_frame: int, frames_per_chunk: int) -> None:
-        """Empty the cache and size it for a model of `num_layers` self-attention layers."""
+    def reset(
+        self, num_layers: int, tokens_per_frame: int, frames_per_chunk: int, num_frames: int
+    ) -> None:
+        """Empty the cache and size it for `num_layers` layers and a rollout of `num_frames`."""
         self._check_fits(frames_per_chunk)
+        self._frames_per_chunk = frames_per_chunk
         self._slots = [_LayerSlot(self) for _ in range(num_layers)]
         self._frames = []
         self._tokens_per_frame = tokens_per_frame
-        self._frames_per_chunk = frames_per_chunk
-        self._bytes = self._peak = 0
+        self._capacity = self._capacity_frames(num_frames)
+        self._peak = 0
         self.committing = False
 
     def begin_chunk(self, start_frame: int, commit: bool) -> list[_LayerSlot]:
         """Enter a pass over the chunk starting at `start_frame`; returns the layer slots."""
         self.committing = commit
-        self._written = 0
         if commit:
             self._pending = self._frames + list(
                 range(start_frame, start_frame + self._frames_per_chunk)
@@ -112,34 +150,23 @@ class FrameCache:
             self._keep = self._retain(self._pending)
         return self._slots
 
-    def end_chunk(self, ok: bool) -> bool:
-        """Leave the pass; False when a failed commit left the layers inconsistent."""
-        consistent = True
-        if self.committing:
-            if ok:
-                oldest, newest = self._keep
-                tail = self._pending[len(self._pending) - newest :] if newest else []
-                self._frames = self._pending[:oldest] + tail
-            else:
-                consistent = self._written == 0
+    def end_chunk(self, ok: bool) -> None:
+        """Leave the pass. A commit that failed part-way changes nothing: slots only write
+        past their held history, and the history advances here, for all layers at once."""
+        if self.committing and ok:
+            oldest, newest = self._keep
+            for slot in self._slots:
+                slot.compact(len(self._pending), oldest, newest, self._tokens_per_frame)
+            tail = self._pending[len(self._pending) - newest :] if newest else []
+            self._frames = self._pending[:oldest] + tail
+        elif self.committing:
+            for slot in self._slots:
+                slot.committed = 0
         self.committing = False
-        return consistent
 
-    def _store(self, slot: _LayerSlot, k_all: Tensor, v_all: Tensor, chunk_bytes: int) -> None:
-        """Commit: the layer now holds history ∪ chunk, then only the retained frames."""
-        self._peak = max(self._peak, self._bytes + chunk_bytes)
-        oldest, newest = self._keep
-        per_frame = self._tokens_per_frame
-        if oldest + newest < len(self._pending):
-            # Copies rather than views, so that evicted frames are really freed.
-            head = slice(0, oldest * per_frame)
-            tail = slice(k_all.shape[1] - newest * per_frame, k_all.shape[1])
-            k_all = torch.cat([k_all[:, head], k_all[:, tail]], dim=1)
-            v_all = torch.cat([v_all[:, head], v_all[:, tail]], dim=1)
-        self._bytes -= slot.nbytes
-        slot.k, slot.v = k_all, v_all
-        self._bytes += slot.nbytes
-        self._written += 1
+    def _note_commit(self) -> None:
+        """Layers hold history ∪ chunk until the commit pass ends: track the peak."""
+        self._peak = max(self._peak, self.kv_bytes)
 
 
 class GlobalCache(FrameCache):
@@ -147,6 +174,9 @@ class GlobalCache(FrameCache):
 
     def _retain(self, frames: list[int]) -> tuple[int, int]:
         return len(frames), 0
+
+    def _capacity_frames(self, num_frames: int) -> int:
+        return num_frames
 
     def __repr__(self) -> str:
         return "GlobalCache()"
@@ -181,6 +211,9 @@ class RollingCache(FrameCache):
         recent = self.window_frames - self._frames_per_chunk - sink
         return sink, min(recent, len(frames) - sink)
 
+    def _capacity_frames(self, num_frames: int) -> int:
+        return min(self.window_frames, num_frames)
+
     def __repr__(self) -> str:
         return f"RollingCache(window_frames={self.window_frames}, sink_frames={self.sink_frames})"
 
@@ -210,7 +243,6 @@ class EagerRunner:
         self._dtype: torch.dtype | None = None
         self._num_frames = 0
         self._next_frame = 0
-        self._broken = False
 
     @property
     def frames_per_chunk(self) -> int:
@@ -243,11 +275,12 @@ class EagerRunner:
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
         device = torch.device(device)
-        self.cache.reset(cfg.num_layers, cfg.tokens_per_frame, cfg.frames_per_chunk)
+        self.cache.reset(
+            cfg.num_layers, cfg.tokens_per_frame, cfg.frames_per_chunk, num_frames
+        )
         self._batch_size, self._device, self._dtype = batch_size, device, dtype
         self._num_frames = num_frames
         self._next_frame = 0
-        self._broken = False
 
     def __call__(
         self, x: Tensor, timestep: Tensor, context: Tensor, start_frame: int, commit: bool
@@ -259,8 +292,6 @@ class EagerRunner:
         """
         if self._batch_size is None:
             raise RuntimeError("EagerRunner.reset(...) must be called before running chunks")
-        if self._broken:
-            raise RuntimeError("a failed commit left the cache inconsistent; call reset(...)")
         try:
             start = operator.index(start_frame)
         except TypeError:
@@ -289,7 +320,7 @@ class EagerRunner:
         try:
             out = self.model.forward_cached(x, timestep, context, start, slots)
         except BaseException:
-            self._broken = not self.cache.end_chunk(ok=False)
+            self.cache.end_chunk(ok=False)
             raise
         self.cache.end_chunk(ok=True)
         if commit:

@@ -62,14 +62,15 @@ def _frame_bytes(cfg, batch=2, itemsize=4):
 
 
 # After 4 chunks of 3 frames with 2 layers: frames held, and the peak in frame-layer units.
-# A rolling cache peaks while one layer holds its history plus the chunk being committed.
+# Every layer holds its history plus the chunk being committed until the commit pass ends
+# (Self-Forcing's in-place buffers), so the peak is layers x (history + chunk).
 CACHES = [
     pytest.param(lambda: GlobalCache(), None, 0, tuple(range(12)), 2 * 12, id="global"),
-    pytest.param(lambda: RollingCache(6), 6, 0, (9, 10, 11), 2 * 3 + 3, id="window6"),
+    pytest.param(lambda: RollingCache(6), 6, 0, (9, 10, 11), 2 * (3 + 3), id="window6"),
     pytest.param(
-        lambda: RollingCache(5, sink_frames=1), 5, 1, (0, 11), 2 * 2 + 3, id="window5-sink1"
+        lambda: RollingCache(5, sink_frames=1), 5, 1, (0, 11), 2 * (2 + 3), id="window5-sink1"
     ),
-    pytest.param(lambda: RollingCache(3), 3, 0, (), 3, id="window3-no-history"),
+    pytest.param(lambda: RollingCache(3), 3, 0, (), 2 * 3, id="window3-no-history"),
 ]
 
 
