@@ -189,15 +189,22 @@ class BlockTable:
 
     def to_block_mask(self, page_lens: Tensor, q_len: int | None = None) -> BlockMask:
         """FlexAttention ``BlockMask`` equal to this table over the flat pool of
-        ``NP · page_size`` tokens; the tokens past each page's length are removed by a
-        ``mask_mod`` reading ``page_lens`` (int ``[B, Hkv, NP]``)."""
+        ``NP · page_size`` tokens (page_lens: int ``[B, Hkv, NP]``).
+
+        The block lists let a compiled FlexAttention skip unlisted pages; the ``mask_mod``
+        states the whole mask (listed page and token within the page's length), because
+        FlexAttention treats the block lists as a hint and eager mode evaluates only the
+        ``mask_mod``. It reads a block-level ``[B, H, Mq, NP]`` visibility, not a token mask.
+        """
         num_pages = page_lens.shape[-1]
         q_len = self.num_q_blocks * self.q_block if q_len is None else q_len
         lens = expand_heads(page_lens, self.num_heads, "page_lens").to(torch.int32)
-        page = self.page_size
+        listed = self.visible_pages(num_pages)
+        page, q_block = self.page_size, self.q_block
 
         def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return kv_idx % page < lens[b, h, kv_idx // page]
+            page_id = kv_idx // page
+            return listed[b, h, q_idx // q_block, page_id] & (kv_idx % page < lens[b, h, page_id])
 
         # FlexAttention's transposition needs one kv_indices slot per KV block of the sequence
         pad = num_pages - self.max_blocks
