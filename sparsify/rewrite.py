@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 import torch._functorch.predispatch as predispatch
@@ -112,9 +112,11 @@ def _fresh_mutated(node: Node) -> Node | None:
     return None
 
 
-def remove_dead_code(graph: Graph) -> None:
+def remove_dead_code(graph: Graph, removable: Collection[Node] = ()) -> None:
     """Dead-code elimination that also drops in-place writes into dead graph-created tensors
-    and vmap/jvp regions with nothing live inside (fx's own pass keeps both)."""
+    and vmap/jvp regions with nothing live inside (fx's own pass keeps both), and the
+    `removable` nodes once unused even if fx deems them impure (attention ops with a dropout
+    seed are tagged nondeterministic)."""
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     live: set[Node] = set()
@@ -127,7 +129,7 @@ def remove_dead_code(graph: Graph) -> None:
             continue
         elif any(u in live for u in node.users):
             live.add(node)
-        elif node.is_impure():
+        elif node.is_impure() and node not in removable:
             mutated = _fresh_mutated(node)
             if mutated is None or any(u in live and order[u] > order[node] for u in mutated.users):
                 live.add(node)
@@ -165,7 +167,7 @@ def rewrite(
         if site.q is None or site.output is None:
             raise ValueError(f"site {index}: has no traced operands/output ({site.unsupported})")
         _rewrite_site(graph, site, site_id)
-    remove_dead_code(graph)
+    remove_dead_code(graph, {by_index[i].anchor for i in site_ids})
     graph.lint()
     module.delete_all_unused_submodules()
     module.recompile()

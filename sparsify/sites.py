@@ -157,7 +157,7 @@ def module_path(node: Node) -> str | None:
         return None
     path = str(list(stack.values())[-1][0])
     path = re.sub(r"^L\['[^']*'\]\.?", "", path)  # Dynamo's "L['self']." prefix
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"(?:^|\.)_modules\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\[['\"]?([^]'\"]*)['\"]?\]", r".\1", path)
     return path.strip(".") or None
 
