@@ -8,11 +8,11 @@
 Python ints among the inputs (e.g. `start_frame`) are turned into 0-dim int64 tensors first,
 so they stay runtime inputs: the graph is captured once and reused for every chunk. Capture
 runs under `torch.no_grad()` (the graph serves inference; FlexAttention on CPU needs it).
-Every node of the result carries `meta["val"]` (a fake tensor or a Python value), which the
-site finder reads for shapes. The result owns its module and parameter objects but shares
-their storage with the model (no copy of the weights): moving it to another device or
-re-registering its parameters leaves the model as it was; in-place writes to the weights'
-data are seen by both.
+Every placeholder and call of the result carries `meta["val"]` (a fake tensor or a Python
+value), which the site finder reads for shapes. The result owns its module and parameter
+objects but shares their storage with the model (no copy of the weights): moving it to
+another device or re-registering its parameters leaves the model as it was; in-place writes
+to the weights' data are seen by both.
 """
 
 from __future__ import annotations

@@ -53,6 +53,13 @@ def _input_dependent(module: GraphModule) -> set[Node]:
     return out
 
 
+def _carries_tensors(value: object) -> bool:
+    """A tensor, or a tuple/list holding one (e.g. the result of `chunk`)."""
+    if isinstance(value, (tuple, list)):
+        return any(_carries_tensors(v) for v in value)
+    return isinstance(value, Tensor)
+
+
 def _ancestors(start: Node, barriers: set[Node]) -> set[Node]:
     """start and the tensors it is computed from, not looking past `barriers`.
 
@@ -64,7 +71,7 @@ def _ancestors(start: Node, barriers: set[Node]) -> set[Node]:
         if node in barriers and node is not start:
             continue
         for parent in node.all_input_nodes:
-            if parent not in seen and isinstance(node_value(parent), Tensor):
+            if parent not in seen and _carries_tensors(node_value(parent)):
                 seen.add(parent)
                 stack.append(parent)
     return seen
