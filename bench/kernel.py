@@ -111,6 +111,8 @@ def flex_block_mask(case: KernelCase, counts: Tensor, idx: Tensor):
     (Lk not a multiple of 128) a masked block."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    # FlexAttention wants one column per kv block (it transposes the table by scatter).
+    idx = F.pad(idx, (0, case.num_pages - idx.shape[-1]))
     last = case.num_pages - 1
     has_last = (idx == last) & (torch.arange(idx.shape[-1], device=idx.device) < counts[..., None])
     has_last = has_last.any(-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ class LaunchConfig:
     num_stages: int = 2
     tma: bool = False
     warp_specialize: bool = False
-    lazy_mask: bool = False
+    scheduled: bool = False
 
 
 def supports_tma(device: torch.device) -> bool:
@@ -39,7 +40,7 @@ def supports_tma(device: torch.device) -> bool:
 
 def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
     """The structure of `p` plus the config's structural choices."""
-    return KernelSpec(
+    return _spec(
         block_m=min(config.block_m, p.q_block),
         block_n=p.page_size,
         q_block=p.q_block,
@@ -53,8 +54,40 @@ def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
         return_lse=return_lse,
         tma=config.tma,
         warp_specialize=config.warp_specialize,
-        lazy_mask=config.lazy_mask,
+        scheduled=config.scheduled,
     )
+
+
+# Per-call host work is on the critical path of short kernels: specs and kernels are memoised.
+_spec = functools.cache(KernelSpec)
+_kernels: dict[tuple[KernelSpec, bool], object] = {}
+
+
+def _kernel(spec: KernelSpec, interpret: bool):
+    kernel = _kernels.get((spec, interpret))
+    if kernel is None:
+        kernel = _kernels[spec, interpret] = get_kernel(spec, interpret=interpret)
+    return kernel
+
+
+# Longest-first tile orders, keyed by the table tensor's identity and version. A stale entry
+# (a new tensor at a recycled address) can only cost speed: any order is a correct one.
+_schedules: dict[tuple, Tensor] = {}
+
+
+def _schedule(p: Problem, block_m: int) -> Tensor:
+    """int32 [B·H·num_m_tiles]: tile ids (bh·num_m_tiles + m) by descending page count."""
+    nb = p.kv_num_blocks
+    key = (nb.data_ptr(), nb._version, tuple(nb.shape), block_m)
+    order = _schedules.get(key)
+    if order is None:
+        tiles = torch.arange(triton.cdiv(p.q_len, block_m), device=nb.device)
+        work = nb[:, :, (tiles * block_m) // p.q_block].reshape(-1)
+        order = torch.argsort(work, descending=True).to(torch.int32)
+        if len(_schedules) >= 16:
+            _schedules.clear()
+        _schedules[key] = order
+    return order
 
 
 def default_config(p: Problem, interpret: bool, return_lse: bool = True) -> LaunchConfig:
@@ -105,7 +138,7 @@ def pbsa_triton(
         raise ValueError("backend='triton' needs CUDA tensors; use 'torch' or 'interpret'")
     config = config or default_config(p, interpret, return_lse)
     spec = spec_for(p, config, return_lse)
-    kernel = get_kernel(spec, interpret=interpret)
+    kernel = _kernel(spec, interpret)
 
     # The kernel assumes 16-element-aligned strides (and TMA contiguous K/V): copy otherwise.
     q = p.q if _aligned(p.q) else p.q.contiguous()
@@ -148,9 +181,14 @@ def pbsa_triton(
                 p.page_size * sv[tok[0]],
                 sv[tok[0]],
             )
-    grid = (triton.cdiv(p.q_len, spec.block_m), p.batch * p.heads)
-    if grid[0] == 0 or grid[1] == 0:
+    m_tiles = triton.cdiv(p.q_len, spec.block_m)
+    if m_tiles == 0 or p.batch * p.heads == 0:
         return out, lse
+    if spec.scheduled:
+        schedule = _schedule(p, spec.block_m)
+        grid = (m_tiles * p.batch * p.heads,)
+    else:
+        schedule, grid = num_blocks, (m_tiles, p.batch * p.heads)  # schedule unused then
     launch = {} if interpret else dict(num_warps=config.num_warps, num_stages=config.num_stages)
     kernel[grid](
         p.q,
@@ -161,6 +199,7 @@ def pbsa_triton(
         num_blocks,
         indices,
         lens,
+        schedule,
         *bhl(p.q),
         *bhl(out),
         *kv_geom,
@@ -170,6 +209,7 @@ def pbsa_triton(
         p.num_pages,
         p.num_q_blocks,
         p.max_blocks,
+        m_tiles,
         p.scale,
         UPCAST=interpret,
         **launch,

@@ -29,6 +29,7 @@ RUNTIME_INTS = {
         "num_pages",
         "num_q_blocks",
         "max_blocks",
+        "num_m_tiles",
     ),
     "tma": ("kv_row_b", "kv_row_h", "kv_col_h"),
     "pointer": (
@@ -55,6 +56,7 @@ def _environment() -> jinja2.Environment:
     )
 
 
+@cache
 def template_fingerprint() -> str:
     """Hash of everything besides the spec that shapes the generated source."""
     h = hashlib.sha256((TEMPLATE_DIR / TEMPLATE).read_bytes())

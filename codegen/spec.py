@@ -36,8 +36,7 @@ class KernelSpec:
     return_lse: the kernel writes the log-sum-exp.
     tma: load tiles with Hopper tensor descriptors (TMA) instead of pointer loads.
     warp_specialize: ask Triton to warp-specialise the kv loop (tma kernels only).
-    lazy_mask: mask only pages with fewer than block_n valid tokens (a uniform branch per
-        page) instead of every page.
+    scheduled: programs take their tile from a launcher-made longest-first schedule.
     """
 
     block_m: int = 128
@@ -52,7 +51,7 @@ class KernelSpec:
     return_lse: bool = True
     tma: bool = False
     warp_specialize: bool = False
-    lazy_mask: bool = False
+    scheduled: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "q_block"):
@@ -76,7 +75,7 @@ class KernelSpec:
             )
         if self.layout not in ("BLHD", "BHLD"):
             raise ValueError(f"KernelSpec.layout: expected 'BLHD' or 'BHLD', got {self.layout!r}")
-        for name in ("paged", "partial", "return_lse", "tma", "warp_specialize", "lazy_mask"):
+        for name in ("paged", "partial", "return_lse", "tma", "warp_specialize", "scheduled"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KernelSpec.{name}: expected a bool")
         if self.warp_specialize and not self.tma:
@@ -93,7 +92,7 @@ class KernelSpec:
                 ("l", self.return_lse),
                 ("t", self.tma),
                 ("w", self.warp_specialize),
-                ("z", self.lazy_mask),
+                ("s", self.scheduled),
             )
             if on
         )

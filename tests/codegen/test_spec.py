@@ -50,6 +50,7 @@ def test_every_field_changes_name_and_digest():
         dict(return_lse=False),
         dict(tma=True),
         dict(tma=True, warp_specialize=True),
+        dict(scheduled=True),
     ]
     names = {base.name} | {dataclasses.replace(base, **v).name for v in variants}
     digests = {base.digest()} | {dataclasses.replace(base, **v).digest() for v in variants}
