@@ -179,7 +179,8 @@ class AttentionState(nn.Module):
             chunk_pages=pool.scratch_ids.view(
                 pool.batch_size, pool.num_kv_heads, g.frames_per_chunk, g.pages_per_frame
             ),
-            persistent_pages=self._persistent,
+            # only the filled slots: empty ones would widen every table for nothing
+            persistent_pages=self._persistent[..., : self._num_persistent],
             page_lens=pool.page_lens,
             key_reps=pool.key_reps,
             query_reps=query_reps,
