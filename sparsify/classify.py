@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from sparsify.sites import AttentionSite, node_value
+from sparsify.sites import AttentionSite, node_value, op_name, view_chain, written_input
 
 SELF, CROSS = "self", "cross"
 
@@ -60,17 +60,50 @@ def _carries_tensors(value: object) -> bool:
     return isinstance(value, Tensor)
 
 
-def _ancestors(start: Node, barriers: set[Node]) -> set[Node]:
+# Ops that read some tensor inputs only for their dtype, device or shape.
+_METADATA_ONLY = {
+    "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like",
+    "full_like", "rand_like", "randn_like", "_assert_tensor_metadata", "sym_size",
+}  # fmt: skip
+_FIRST_ONLY = {"cast", "expand_as", "view_as", "reshape_as"}  # x.type_as(other), x.to(other)
+
+
+def _writers(module: GraphModule) -> dict[Node, list[Node]]:
+    """tensor → the in-place ops that write into it (directly or through a view of it)."""
+    out: dict[Node, list[Node]] = {}
+    for node in module.graph.nodes:
+        written = written_input(node)
+        if written is not None:
+            for tensor in view_chain(written):
+                out.setdefault(tensor, []).append(node)
+    return out
+
+
+def _data_inputs(node: Node, writers: dict[Node, list[Node]]) -> list[Node]:
+    """The nodes whose values flow into `node`'s value, in-place writes into it included."""
+    name = op_name(node) if node.op in ("call_function", "call_method") else None
+    if name in _METADATA_ONLY:
+        inputs = []
+    elif name in _FIRST_ONLY:
+        inputs = node.all_input_nodes[:1]
+    else:
+        inputs = node.all_input_nodes
+    return [*inputs, *writers.get(node, ())]
+
+
+def _ancestors(start: Node, barriers: set[Node], writers: dict[Node, list[Node]]) -> set[Node]:
     """start and the tensors it is computed from, not looking past `barriers`.
 
-    Only tensor values are followed: a shape read (`x.shape[0]` in a view) is not data flow.
+    Only tensor values are followed: a shape read (`x.shape[0]` in a view) is not data flow;
+    nor is an input read only for its dtype (`type_as`, `empty_like`). A tensor filled in
+    place (diffusers' RoPE writes into an `empty_like`) descends from what was written.
     """
     seen, stack = {start}, [start]
     while stack:
         node = stack.pop()
         if node in barriers and node is not start:
             continue
-        for parent in node.all_input_nodes:
+        for parent in _data_inputs(node, writers):
             if parent not in seen and _carries_tensors(node_value(parent)):
                 seen.add(parent)
                 stack.append(parent)
@@ -82,9 +115,10 @@ def classify(site: AttentionSite, sites: list[AttentionSite], module: GraphModul
     barriers = {s.output.node for s in sites if s is not site and s.output is not None}
     barriers |= {s.anchor for s in sites if s is not site}
     live = _input_dependent(module)
+    writers = _writers(module)
     common = live - barriers
     for operand in (site.q, site.k, site.v):
-        common &= _ancestors(operand.node, barriers)
+        common &= _ancestors(operand.node, barriers, writers)
     by_flow = SELF if common else CROSS
     by_path = kind_from_path(site.module_path)
     conflict = None

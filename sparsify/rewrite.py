@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Collection, Mapping, Sequence
 
 import torch
@@ -20,7 +19,15 @@ import torch._functorch.predispatch as predispatch
 from torch.fx import Graph, GraphModule, Node
 
 from sparsify.ops import PBSA_SITE
-from sparsify.sites import BLHD_TO_BHLD, AttentionSite, Operand, compose_perm, node_dtype, op_name
+from sparsify.sites import (
+    BLHD_TO_BHLD,
+    AttentionSite,
+    Operand,
+    compose_perm,
+    node_dtype,
+    op_name,
+    written_input,
+)
 
 aten = torch.ops.aten
 
@@ -98,18 +105,8 @@ _FACTORIES = {
 
 def _fresh_mutated(node: Node) -> Node | None:
     """The tensor an in-place op writes when the graph itself created it, else None."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        first = target._schema.arguments[:1]
-        writes = bool(first) and first[0].alias_info is not None and first[0].alias_info.is_write
-    else:
-        writes = target is operator.setitem or (
-            node.op == "call_method" and str(target).endswith("_")
-        )
-    mutated = node.args[0] if writes and node.args else None
-    if isinstance(mutated, Node) and op_name(mutated) in _FACTORIES:
-        return mutated
-    return None
+    written = written_input(node)
+    return written if written is not None and op_name(written) in _FACTORIES else None
 
 
 def remove_dead_code(graph: Graph, removable: Collection[Node] = ()) -> None:

@@ -180,6 +180,50 @@ def tensor_input(node: Node) -> Node | None:
     return None
 
 
+_VIEWS = {
+    "slice", "select", "view", "as_strided", "transpose", "permute", "unsqueeze", "squeeze",
+    "expand", "narrow", "unflatten", "alias", "diagonal", "mT", "t", "unfold",
+}  # fmt: skip
+
+
+def written_input(node: Node) -> Node | None:
+    """The tensor an in-place op writes (its first argument), or None for other ops."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        first = target._schema.arguments[:1]
+        writes = bool(first) and first[0].alias_info is not None and first[0].alias_info.is_write
+    else:
+        writes = target is operator.setitem or (
+            node.op == "call_method"
+            and str(target).endswith("_")
+            and not str(target).startswith("_")
+        )
+    written = node.args[0] if writes and node.args else None
+    return written if isinstance(written, Node) else None
+
+
+def view_chain(node: Node) -> list[Node]:
+    """node, then the tensors it is a view of, back to the base."""
+    chain = [node]
+    while op_name(chain[-1]) in _VIEWS and tensor_input(chain[-1]) is not None:
+        chain.append(tensor_input(chain[-1]))
+    return chain
+
+
+def is_written(node: Node) -> bool:
+    """Whether the graph writes into node's storage in place (directly or through a view)."""
+    stack, seen = [node], {node}
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if written_input(user) is current:
+                return True
+            if user not in seen and op_name(user) in _VIEWS and tensor_input(user) is current:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
 # ---------------------------------------------------------------------------------------------
 # Records
 
@@ -346,8 +390,8 @@ def trace_operand(
     while node.op in ("call_function", "call_method"):
         shape, src = node_shape(node), tensor_input(node)
         src_shape = node_shape(src) if src is not None else None
-        if shape is None or src_shape is None:
-            break
+        if shape is None or src_shape is None or is_written(src):
+            break  # a tensor written in place may hold other values by the time of the op
         name, rank = op_name(node), len(shape)
         step = _layout_perm(node, rank)
         if step is not None:
