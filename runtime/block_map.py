@@ -1,0 +1,66 @@
+"""What one layer's queries see, in temporal page order, for pictures and diagnostics.
+
+Physical page ids say nothing to a reader; `block_map` lays the cache out as columns a person
+can follow: the persistent pages first, then the window's history frames oldest to newest,
+then the current chunk, each frame tiled into its pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from patterns import pool_query_blocks
+from runtime.attention_state import AttentionState
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """visible: bool ``[B, H, Mq, N]`` — query block m of head h sees column n.
+    column_frame: int64 ``[N]`` — absolute frame of each column (−1 for persistent pages,
+    whose frame of origin the cache does not keep).
+    chunk_start: absolute frame of the current chunk's first frame."""
+
+    visible: Tensor
+    column_frame: Tensor
+    chunk_start: int
+
+    @property
+    def density(self) -> float:
+        """Share of (query block, column) pairs computed."""
+        return float(self.visible.float().mean())
+
+
+def block_map(state: AttentionState, q: Tensor) -> BlockMap:
+    """The table `state` builds for the chunk's queries q ``[B, Lc, H, D]`` (BLHD, the
+    current pass's), without running attention or touching the cache."""
+    pattern, g = state.pattern, state.geometry
+    query_reps = pool_query_blocks(q, g.q_block) if pattern.needs_scores else None
+    view = state.view(query_reps)
+    table = pattern.select(view)
+    b, hkv = view.batch, view.num_kv_heads
+    columns = torch.cat(
+        [
+            view.persistent_pages,
+            view.frame_pages.reshape(b, hkv, -1),
+            view.chunk_pages.reshape(b, hkv, -1),
+        ],
+        dim=-1,
+    )
+    group = state.num_heads // hkv
+    columns = columns.repeat_interleave(group, dim=1)  # [B, H, N] per query head
+    seen = table.visible_pages(view.page_lens.shape[-1])  # [B, H, Mq, NP]
+    index = columns[:, :, None, :].expand(-1, -1, seen.shape[2], -1)
+    visible = torch.gather(seen, 3, index.clamp_min(0)) & (index >= 0)
+    ppf = g.pages_per_frame
+    column_frame = torch.cat(
+        [
+            torch.full((view.persistent_pages.shape[-1],), -1, dtype=torch.int64),
+            torch.tensor(view.history_frames, dtype=torch.int64).repeat_interleave(ppf),
+            torch.arange(view.chunk_start, view.chunk_start + g.frames_per_chunk)
+            .repeat_interleave(ppf),
+        ]
+    )
+    return BlockMap(visible=visible.cpu(), column_frame=column_frame, chunk_start=view.chunk_start)
