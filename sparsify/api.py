@@ -36,6 +36,12 @@ from sparsify.sites import AttentionSite
 
 MODES = ("cached", "full_sequence")
 OPTIONS = ("mode", "page_size", "q_block", "debug", "capture_methods")
+FORMS = (
+    "scaled_dot_product_attention (any spelling)",
+    "flex_attention",
+    "flash-attn ops",
+    "unfused softmax(q·kᵀ)·v",
+)
 
 
 class SparsifiedModule(nn.Module):
@@ -213,8 +219,13 @@ def sparsify(
         geometry is derived from the model; default 128), ``debug`` (validate block tables),
         ``capture_methods`` (subset of `sparsify.capture.CAPTURE_METHODS`, in order).
 
+    The graph is specialised to the example inputs' shapes, dtype and device (batch size,
+    frames per call, text length): capture with the inputs you will run. Ints stay runtime
+    inputs, so one graph serves every chunk of a rollout.
+
     Raises TypeError/ValueError for bad arguments, `CaptureError` when no capture path works
-    and ValueError when the graph has no attention at all.
+    and ValueError when the graph has no attention at all (or, in cached mode, no rewritable
+    self-attention).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -253,27 +264,42 @@ def sparsify(
     reasons = _decide(sites, verdicts, geometry, mode)
     chosen = [s for s in sites if reasons[s.index] is None]
 
-    attention: AttentionRuntime | nn.ModuleList
-    if mode == "cached":
-        if not chosen:
-            raise ValueError(
-                "model: no self-attention site can be rewritten; reasons: "
-                + "; ".join(f"site {s.index}: {reasons[s.index]}" for s in sites)
-            )
-        heads, kv_heads, head_dim = _heads(chosen[0])
-        attention = AttentionRuntime(
-            pattern, geometry, len(chosen), heads, kv_heads, head_dim, backend, debug
+    if mode == "cached" and not chosen:
+        raise ValueError(
+            "model: no self-attention site can be rewritten; reasons: "
+            + "; ".join(f"site {s.index}: {reasons[s.index]}" for s in sites)
         )
-        modules = list(attention.states)
-    else:
-        modules = [FullSequenceAttention(pattern, geometry, *_heads(s), backend) for s in chosen]
-        attention = nn.ModuleList(modules)
+    attention, modules = _attention(chosen, mode, pattern, geometry, backend, debug)
     site_ids = {s.index: bind(m) for s, m in zip(chosen, modules, strict=True)}
     rewrite(graph_module, sites, site_ids)
+    rows = _plan_rows(
+        sites, verdicts, reasons, mode, geometry, _backend_label(backend, args, kwargs)
+    )
+    plan = Plan(rows, captured.method, mode, str(pattern), str(geometry), captured.failures)
+    return SparsifiedModule(graph_module, plan, attention, site_ids)
 
-    resolved = _backend_label(backend, args, kwargs)
+
+def _attention(
+    chosen: list[AttentionSite], mode: str, pattern: Pattern, geometry: VideoGeometry,
+    backend: str, debug: bool,
+) -> tuple[AttentionRuntime | nn.ModuleList, list[nn.Module]]:  # fmt: skip
+    """The module owning the attention modules, and the module of each chosen site."""
+    if mode == "cached":
+        heads, kv_heads, head_dim = _heads(chosen[0])
+        runtime = AttentionRuntime(
+            pattern, geometry, len(chosen), heads, kv_heads, head_dim, backend, debug
+        )
+        return runtime, list(runtime.states)
+    modules = [FullSequenceAttention(pattern, geometry, *_heads(s), backend) for s in chosen]
+    return nn.ModuleList(modules), modules
+
+
+def _plan_rows(
+    sites: list[AttentionSite], verdicts: dict[int, Verdict], reasons: dict[int, str | None],
+    mode: str, geometry: VideoGeometry, backend: str,
+) -> list[PlanRow]:  # fmt: skip
     target = "AttentionState" if mode == "cached" else "FullSequenceAttention"
-    layer_of = {s.index: i for i, s in enumerate(chosen)}
+    chosen = [s.index for s in sites if reasons[s.index] is None]
     rows = []
     for s in sites:
         reason = reasons[s.index]
@@ -290,22 +316,13 @@ def sparsify(
                 k_shape=s.k_shape,
                 v_shape=s.v_shape,
                 decision=KEPT if reason else REWRITTEN,
-                reason=reason or f"-> {target}[{layer_of[s.index]}]",
-                backend=None if reason else resolved,
+                reason=reason or f"-> {target}[{chosen.index(s.index)}]",
+                backend=None if reason else backend,
                 q_block=None if reason else geometry.q_block,
                 page_size=None if reason else geometry.page_size,
             )
         )
-    plan = Plan(rows, captured.method, mode, str(pattern), str(geometry), captured.failures)
-    return SparsifiedModule(graph_module, plan, attention, site_ids)
-
-
-FORMS = (
-    "scaled_dot_product_attention (any spelling)",
-    "flex_attention",
-    "flash-attn ops",
-    "unfused softmax(q·kᵀ)·v",
-)
+    return rows
 
 
 def _backend_label(backend: str, args: tuple, kwargs: dict) -> str:

@@ -35,6 +35,7 @@ from sparsify.sites import (
     make_site,
     node_shape,
     op_name,
+    scalar_factor,
     tensor_input,
     trace_qkv,
 )
@@ -71,27 +72,13 @@ def _kind(node: Node, module: GraphModule) -> str | None:
         return "dropout"
     if name in _MASKS:
         return "mask"
-    if name in ("mul", "div") and _scale_of(node) is not None:
+    if scalar_factor(node) is not None:
         return "scale"
     if name in _CONTRACTED or (
         name == "expand" and node_shape(node) == node_shape(tensor_input(node))
     ):
         return "through"
     return None
-
-
-def _scale_of(node: Node) -> float | None:
-    """c for x·c or x/c with a constant c (and a tensor x), else None."""
-    if len(node.args) < 2:
-        return None
-    a, b = node.args[:2]
-    name = op_name(node)
-    if name == "mul" and node_shape(a) is None:
-        a, b = b, a
-    value = constant(b)
-    if node_shape(a) is None or value is None or value == 0:
-        return None
-    return value if name == "mul" else 1.0 / value
 
 
 def _tensor_operands(node: Node, module: GraphModule) -> list[Node]:
@@ -280,7 +267,7 @@ def _site(chain: list[Node], view: GraphView, module: GraphModule) -> AttentionS
     scale, mask, dropout = 1.0, None, 0.0
     for node, kind in zip(chain[1:-1], kinds[1:-1], strict=True):
         if kind == "scale":
-            scale *= _scale_of(node)
+            scale *= scalar_factor(node)[1]
         elif kind == "mask":
             if op_name(node) == "masked_fill":
                 mask = arg(node, 1, "mask")

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-LAYOUTS = ("BHLD", "BLHD")
 BHLD = (0, 1, 2, 3)
 BLHD_TO_BHLD = (0, 2, 1, 3)
 
@@ -83,17 +82,13 @@ _ALIASES = {
     "reshape": "view",
     "truediv": "div",
     "true_divide": "div",
-    "matmul": "matmul",
     "__matmul__": "matmul",
     "__mul__": "mul",
     "__rmul__": "mul",
     "__truediv__": "div",
     "__add__": "add",
     "__radd__": "add",
-    "masked_fill_": "masked_fill",
-    "dropout_": "dropout",
     "feature_dropout": "dropout",
-    "mT": "mT",
     "swapaxes": "transpose",
     "swapdims": "transpose",
 }
@@ -119,7 +114,7 @@ def op_name(node: Node, module: GraphModule | None = None) -> str:
             return target._schema.name
     elif target is getattr:
         attribute = node.args[1]
-        return "mT" if attribute in ("mT", "T", "mH") else f"getattr.{attribute}"
+        return "mT" if attribute in ("mT", "mH") else f"getattr.{attribute}"
     else:
         name = getattr(target, "__name__", str(target))
     name = name.removesuffix("_") if name.endswith("_") and not name.startswith("_") else name
@@ -305,6 +300,7 @@ class AttentionSite:
         return None if shape is None else shape[3]
 
     def effective_scale(self) -> float | None:
+        """The softmax scale of q·kᵀ, default resolved (None without traced operands)."""
         d = self.head_dim
         if self.scale is not None:
             return self.scale
@@ -358,7 +354,7 @@ def _upcast(src: Node, node: Node) -> bool:
     )
 
 
-def _scalar_factor(node: Node) -> tuple[Node, float] | None:
+def scalar_factor(node: Node) -> tuple[Node, float] | None:
     """(tensor, c) when node is tensor·c or tensor/c with a constant c."""
     name = op_name(node)
     if name not in ("mul", "div") or len(node.args) < 2:
@@ -415,7 +411,7 @@ def trace_operand(
             and src_shape[2:] == shape[1:]
         ):
             perm = (0, 1) + tuple(p + 1 for p in perm[1:])
-        elif scaled and (scaled_by := _scalar_factor(node)) is not None:
+        elif scaled and (scaled_by := scalar_factor(node)) is not None:
             src, value = scaled_by
             factor *= value
         else:
