@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import device_record, format_table, write_json
-from patterns import Dense, PersistentLocal, VideoGeometry
-from runtime import CausalWanModel, EagerRunner, GlobalCache, RollingCache, WanConfig, generate
+from patterns import Dense
+from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forcing_cache
+from runtime.eager import SELF_FORCING_WINDOW_FRAMES
 from runtime.rollout import ChunkRunner
 from sparsify import sparsify
-
-DENSE_WINDOW_FRAMES = 21  # Self-Forcing's cache: 21 latent frames (5 s), rolling beyond
+from sparsify.defaults import default_geometry, default_pattern, example_chunk
 
 
 @dataclass(frozen=True)
@@ -48,36 +48,11 @@ class Horizon:
 HORIZONS = {h.name: h for h in (Horizon("5s", 7), Horizon("20s", 27), Horizon("60s", 80))}
 
 
-def default_pattern(geometry: VideoGeometry) -> PersistentLocal:
-    """The documented default (README, BENCHMARKS.md): 4096 persistent tokens per kv head,
-    a window of two chunks of history plus the current chunk, 12.5 % local density."""
-    return PersistentLocal(
-        persistent_blocks=4096 // geometry.page_size,
-        window_frames=3 * geometry.frames_per_chunk,
-        local_density=0.125,
-    )
-
-
-def dense_cache(horizon: Horizon):
-    if horizon.latent_frames <= DENSE_WINDOW_FRAMES:
-        return GlobalCache()
-    return RollingCache(window_frames=DENSE_WINDOW_FRAMES)
-
-
 def dense_pattern(horizon: Horizon) -> Dense:
-    if horizon.latent_frames <= DENSE_WINDOW_FRAMES:
+    """`Dense` with the baseline's cache policy (`runtime.self_forcing_cache`)."""
+    if horizon.latent_frames <= SELF_FORCING_WINDOW_FRAMES:
         return Dense()
-    return Dense(window_frames=DENSE_WINDOW_FRAMES)
-
-
-def example_chunk(config: WanConfig, context: torch.Tensor) -> tuple:
-    device, dtype = context.device, context.dtype
-    x = torch.randn(
-        1, config.in_channels, config.frames_per_chunk, config.latent_height,
-        config.latent_width, device=device, dtype=dtype,
-    )
-    t = torch.full((1, config.frames_per_chunk), 500.0, device=device)
-    return (x, t, context, torch.tensor(0, device=device))
+    return Dense(window_frames=SELF_FORCING_WINDOW_FRAMES)
 
 
 def _sync() -> None:
@@ -122,12 +97,14 @@ def attention_fraction(runner: ChunkRunner, config: WanConfig, context) -> float
         run_rollout(runner, config, context, 1)
     total = attention = 0.0
     for event in prof.key_averages():
-        cuda_time = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        total += cuda_time
+        kernel_time = getattr(event, "device_time_total", None)
+        if kernel_time is None:  # torch < 2.4 spelling
+            kernel_time = event.cuda_time_total
+        total += kernel_time
         if any(name in event.key.lower() for name in ATTENTION_KERNELS):
-            attention += cuda_time
+            attention += kernel_time
     return attention / total if total else None
 
 
@@ -135,11 +112,10 @@ def build_runners(
     model: CausalWanModel, horizon: Horizon, context, impls: list[str]
 ) -> dict[str, Callable[[], ChunkRunner]]:
     config = model.config
-    geometry = VideoGeometry(tokens_per_frame=config.tokens_per_frame,
-                             frames_per_chunk=config.frames_per_chunk)
+    geometry = default_geometry(config.tokens_per_frame, config.frames_per_chunk)
     example = example_chunk(config, context)
     makers = {
-        "dense": lambda: EagerRunner(model, dense_cache(horizon)),
+        "dense": lambda: EagerRunner(model, self_forcing_cache(horizon.latent_frames)),
         "sparse": lambda: sparsify(model, example, default_pattern(geometry), geometry=geometry),
         "sparse_dense": lambda: sparsify(model, example, dense_pattern(horizon), geometry=geometry),
     }
@@ -177,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             records.append(record)
             print(f"{name} {impl}: {record['seconds']:.2f} s", flush=True)
             del runner
-            torch.cuda.empty_cache() if device == "cuda" else None
+            if device == "cuda":
+                torch.cuda.empty_cache()
         base = next((r for r in records if r["horizon"] == name and r["impl"] == "dense"), None)
         for r in records:
             if base and r["horizon"] == name:

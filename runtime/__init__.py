@@ -2,7 +2,7 @@
 
 from runtime.attention_runtime import AttentionRuntime, StatefulRunner, bind_reference_model
 from runtime.attention_state import AttentionState
-from runtime.eager import EagerRunner, GlobalCache, RollingCache
+from runtime.eager import EagerRunner, GlobalCache, RollingCache, self_forcing_cache
 from runtime.full_sequence import FullSequenceAttention
 from runtime.model import CausalWanModel
 from runtime.model_config import WanConfig, wan_parameter_count
@@ -24,5 +24,6 @@ __all__ = [
     "SelfForcingSchedule",
     "WanConfig",
     "generate",
+    "self_forcing_cache",
     "wan_parameter_count",
 ]

@@ -218,6 +218,17 @@ class RollingCache(FrameCache):
         return f"RollingCache(window_frames={self.window_frames}, sink_frames={self.sink_frames})"
 
 
+SELF_FORCING_WINDOW_FRAMES = 21  # Self-Forcing's cache: 21 latent frames (a 5 s video)
+
+
+def self_forcing_cache(num_frames: int) -> FrameCache:
+    """Self-Forcing's dense cache for a rollout of `num_frames` latent frames: global while
+    the video fits its 21 frames, beyond that a rolling 21-frame window without sink."""
+    if num_frames <= SELF_FORCING_WINDOW_FRAMES:
+        return GlobalCache()
+    return RollingCache(SELF_FORCING_WINDOW_FRAMES)
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 

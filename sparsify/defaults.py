@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch import Tensor
+
 from patterns import PersistentLocal, VideoGeometry
 
 WAN_PAGE = 128
@@ -51,3 +54,15 @@ def default_pattern(geometry: VideoGeometry) -> PersistentLocal:
 def local_topk(geometry: VideoGeometry, pattern: PersistentLocal) -> int:
     """Window pages each query block selects (besides its own, forced frames)."""
     return math.ceil(pattern.local_density * pattern.window_frames * geometry.pages_per_frame)
+
+
+def example_chunk(config, context: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Example inputs `(x, timestep, context, start_frame)` of one chunk of a reference-model
+    config (a `runtime.WanConfig`), on the context's device, for `sparsify` to trace with."""
+    device, dtype = context.device, context.dtype
+    x = torch.randn(
+        context.shape[0], config.in_channels, config.frames_per_chunk,
+        config.latent_height, config.latent_width, device=device, dtype=dtype,
+    )
+    timestep = torch.full((context.shape[0], config.frames_per_chunk), 1000.0, device=device)
+    return x, timestep, context, torch.tensor(0, device=device)

@@ -23,15 +23,14 @@ import torch
 from torch import Tensor
 
 from patterns import plot_block_mask
-from runtime import CausalWanModel, EagerRunner, GlobalCache, RollingCache, WanConfig, generate
+from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forcing_cache
 from runtime.block_map import BlockMap, block_map
 from runtime.model_config import PRESETS
 from sparsify.api import sparsify
-from sparsify.defaults import default_geometry, default_pattern
+from sparsify.defaults import default_geometry, default_pattern, example_chunk
 
 HELP = "dense vs sparse rollout of the reference model: table, block-mask PNG, side-by-side GIF"
 
-DENSE_WINDOW_FRAMES = 21  # Self-Forcing's 21-frame cache, rolling beyond it
 PANEL_GAP = 4  # pixels between the dense and the sparse panel
 
 
@@ -41,12 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="sparsify-demo", help="folder for the PNG and the GIF")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, noise and context")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
-
-
-def dense_cache(num_frames: int):
-    if num_frames <= DENSE_WINDOW_FRAMES:
-        return GlobalCache()
-    return RollingCache(DENSE_WINDOW_FRAMES)
 
 
 def _timed_rollout(runner, context: Tensor, config: WanConfig, chunks: int, seed: int):
@@ -117,17 +110,10 @@ def run(args: argparse.Namespace) -> int:
     context = context.to(device, dtype)
     geometry = default_geometry(config.tokens_per_frame, config.frames_per_chunk)
     pattern = default_pattern(geometry)
-    example = (
-        torch.randn(1, config.in_channels, config.frames_per_chunk, config.latent_height,
-                    config.latent_width, device=device, dtype=dtype),
-        torch.full((1, config.frames_per_chunk), 1000.0, device=device),
-        context,
-        torch.tensor(0, device=device),
-    )
-    sparse = sparsify(model, example, pattern, geometry=geometry)
+    sparse = sparsify(model, example_chunk(config, context), pattern, geometry=geometry)
     print(sparse.plan)
     recorded = _last_chunk_map(sparse, args.chunks, config.frames_per_chunk)
-    dense = EagerRunner(model, dense_cache(args.chunks * config.frames_per_chunk))
+    dense = EagerRunner(model, self_forcing_cache(args.chunks * config.frames_per_chunk))
 
     dense_latents, dense_s = _timed_rollout(dense, context, config, args.chunks, args.seed)
     sparse_latents, sparse_s = _timed_rollout(sparse, context, config, args.chunks, args.seed)
