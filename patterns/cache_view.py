@@ -7,13 +7,17 @@ its own ids, but the frame structure (which frames are held) is shared by all ro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from torch import Tensor, nn
 
 from patterns.geometry import VideoGeometry
 
 __all__ = ["CacheView"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class CacheView:
     query_reps: float ``[B, H, Mq, D]`` raw mean of each query block of the current chunk,
         or None for patterns that do not score.
     scorer: the layer's ``BlockScorer`` (None: an untrained one, i.e. raw pooled q·k).
+    memo: per-chunk cache of ``cached`` (views made from one another by
+        ``dataclasses.replace`` share it, so the runtime builds the layout once per chunk).
     """
 
     geometry: VideoGeometry
@@ -49,6 +55,7 @@ class CacheView:
     key_reps: Tensor
     query_reps: Tensor | None = None
     scorer: nn.Module | None = None
+    memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -86,3 +93,11 @@ class CacheView:
     def present_history(self) -> tuple[int, ...]:
         """Absolute frames actually held, in temporal order (host)."""
         return tuple(f for f in self.history_frames if f >= 0)
+
+    def cached(self, key: str, build: Callable[[], T]) -> T:
+        """``build()``, computed once per memo. Only for values that depend on the cache
+        layout (page ids, frames, chunk start, shapes) — never on ``query_reps`` or on the
+        pool's contents, which change every pass."""
+        if key not in self.memo:
+            self.memo[key] = build()
+        return self.memo[key]  # type: ignore[return-value]

@@ -40,6 +40,7 @@ from patterns.selection import (
     own_frame_mask,
     top_c_update,
     topk_mask,
+    visible_heads,
 )
 
 __all__ = ["Pattern", "Dense", "SinkWindow", "TopK", "PersistentLocal", "FullSequenceLayout"]
@@ -162,14 +163,21 @@ class Pattern(ABC):
         return f"{type(self).__name__}({self._params()}); {self.footprint()}"
 
 
-def _all_visible(view: CacheView, max_blocks: int | None = None) -> BlockTable:
-    """Every held page of the view, the same for all query blocks."""
-    cols = columns(view)
-    vis = expand_heads(cols.valid, view.num_heads, "valid")[:, :, None, :]
-    g = view.geometry
-    return BlockTable.from_visibility(
-        vis, g.q_block, g.page_size, cols.ids, max_blocks, num_q_blocks=g.q_blocks_per_chunk
-    )
+def _all_visible(view: CacheView) -> BlockTable:
+    """Every held page of the view, the same for all query blocks (memoised: the layout
+    alone decides it)."""
+
+    def build() -> BlockTable:
+        g = view.geometry
+        return BlockTable.from_visibility(
+            visible_heads(view),
+            g.q_block,
+            g.page_size,
+            columns(view).ids,
+            num_q_blocks=g.q_blocks_per_chunk,
+        )
+
+    return view.cached("all_visible", build)
 
 
 @dataclass(frozen=True)
@@ -383,27 +391,20 @@ class PersistentLocal(Pattern):
         g = view.geometry
         cols = columns(view)
         c = cols.num_persistent
-        win_valid = cols.valid[..., c:]
         window_pages = (len(view.present_history) + g.frames_per_chunk) * g.pages_per_frame
         k = self.local_k(window_pages)
         if k >= window_pages:
-            local = expand_heads(win_valid, view.num_heads, "valid")[:, :, None, :]
-        else:
-            scores = block_logits(view, gather_reps(view.key_reps, cols.ids[..., c:]))
-            allowed = expand_heads(win_valid, view.num_heads, "valid")[:, :, None, :]
-            local = topk_mask(scores, allowed, k)
+            return _all_visible(view)
+        valid = visible_heads(view)  # [B, H, 1, N]
+        scores = block_logits(view, gather_reps(view.key_reps, cols.ids[..., c:]))
+        local = topk_mask(scores, valid[..., c:], k)
         own_pages = 0
-        if self.force_own_frame and k < window_pages:
-            own = own_frame_mask(view, cols.frame[c:])  # [Mq, Nw]; chunk pages are valid
-            local = local | own
+        if self.force_own_frame:
+            local = local | own_frame_mask(view)[:, c:]  # chunk pages are always valid
             own_pages = max_own_pages(g)
-        persistent = expand_heads(cols.valid[..., :c], view.num_heads, "valid")[:, :, None, :]
-        vis = torch.cat([persistent.expand(*local.shape[:3], c), local], dim=-1)
+        vis = torch.cat([valid[..., :c].expand(*local.shape[:3], c), local], dim=-1)
         bound = min(vis.shape[-1], c + k + own_pages)
-        mq = g.q_blocks_per_chunk if vis.shape[2] == 1 else None
-        return BlockTable.from_visibility(
-            vis, g.q_block, g.page_size, cols.ids, bound, num_q_blocks=mq
-        )
+        return BlockTable.from_visibility(vis, g.q_block, g.page_size, cols.ids, bound)
 
     def update_persistent(
         self,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from patterns.block_table import expand_heads
 from patterns.cache_view import CacheView
 from patterns.geometry import VideoGeometry
 from patterns.scoring import BlockScorer
@@ -21,6 +22,7 @@ __all__ = [
     "Columns",
     "columns",
     "own_frame_mask",
+    "visible_heads",
     "default_scorer",
     "gather_reps",
     "block_logits",
@@ -47,7 +49,20 @@ class Columns:
 
 
 def columns(view: CacheView) -> Columns:
-    """The candidate columns of a view (persistent first, then history, then the chunk)."""
+    """The candidate columns of a view (persistent first, then history, then the chunk);
+    built once per memo."""
+    return view.cached("columns", lambda: _columns(view))
+
+
+def visible_heads(view: CacheView) -> Tensor:
+    """bool ``[B, H, 1, N]``: the columns' validity per query head (memoised)."""
+    return view.cached(
+        "visible_heads",
+        lambda: expand_heads(columns(view).valid, view.num_heads, "valid")[:, :, None],
+    )
+
+
+def _columns(view: CacheView) -> Columns:
     g = view.geometry
     ppf, device = g.pages_per_frame, view.chunk_pages.device
     b, hkv = view.batch, view.num_kv_heads
@@ -78,10 +93,16 @@ def _q_block_frames(geometry: VideoGeometry, device: torch.device) -> Tensor:
     return geometry.q_block_frames(device=device)
 
 
-def own_frame_mask(view: CacheView, frame: Tensor) -> Tensor:
-    """bool ``[Mq, N]``: column n's page lies in a frame that query block m touches."""
-    q_frames = _q_block_frames(view.geometry, frame.device) + view.chunk_start
-    return (frame >= q_frames[:, :1]) & (frame <= q_frames[:, 1:])
+def own_frame_mask(view: CacheView) -> Tensor:
+    """bool ``[Mq, N]``: column n's page lies in a frame that query block m touches
+    (memoised)."""
+
+    def build() -> Tensor:
+        frame = columns(view).frame
+        q_frames = _q_block_frames(view.geometry, frame.device) + view.chunk_start
+        return (frame >= q_frames[:, :1]) & (frame <= q_frames[:, 1:])
+
+    return view.cached("own_frames", build)
 
 
 def max_own_pages(geometry: VideoGeometry) -> int:

@@ -9,6 +9,7 @@ formula counts).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,7 @@ class AttentionState(nn.Module):
         self._persistent: Tensor | None = None  # int64 [B, Hkv, C], valid first, -1 after
         self._num_persistent = 0
         self._committed = 0  # frames this layer has committed
+        self._layout: CacheView | None = None  # this chunk's view without query reps
 
     def extra_repr(self) -> str:
         return f"{self.pattern}, {self.geometry}"
@@ -126,6 +128,7 @@ class AttentionState(nn.Module):
         self._persistent = torch.full((b, hkv, capacity), -1, dtype=torch.int64, device=device)
         self._num_persistent = 0
         self._committed = 0
+        self._layout = None
 
     def _require_pool(self) -> PagePool:
         pool = self._cursor.pool
@@ -165,27 +168,28 @@ class AttentionState(nn.Module):
                 raise ValueError(f"{name} must be on {pool.device} (the cache's), got {x.device}")
 
     def view(self, query_reps: Tensor | None) -> CacheView:
-        """The cache as the pattern sees it for the current chunk."""
+        """The cache as the pattern sees it for the current chunk. The layout part is built
+        once per chunk; every pass's view shares its memo (see ``CacheView.cached``)."""
         pool = self._require_pool()
-        g = self.geometry
-        n = len(self._frames)
-        return CacheView(
-            geometry=g,
-            num_heads=self.num_heads,
-            chunk_start=self._cursor.chunk_start,
-            history_frames=tuple(self._frames),
-            frame_index=self._frame_index,
-            frame_pages=self._frame_pages[:, :, :n],
-            chunk_pages=pool.scratch_ids.view(
-                pool.batch_size, pool.num_kv_heads, g.frames_per_chunk, g.pages_per_frame
-            ),
-            # only the filled slots: empty ones would widen every table for nothing
-            persistent_pages=self._persistent[..., : self._num_persistent],
-            page_lens=pool.page_lens,
-            key_reps=pool.key_reps,
-            query_reps=query_reps,
-            scorer=self.scorer,
-        )
+        if self._layout is None or self._layout.chunk_start != self._cursor.chunk_start:
+            g = self.geometry
+            self._layout = CacheView(
+                geometry=g,
+                num_heads=self.num_heads,
+                chunk_start=self._cursor.chunk_start,
+                history_frames=tuple(self._frames),
+                frame_index=self._frame_index,
+                frame_pages=self._frame_pages[:, :, : len(self._frames)],
+                chunk_pages=pool.scratch_ids.view(
+                    pool.batch_size, pool.num_kv_heads, g.frames_per_chunk, g.pages_per_frame
+                ),
+                # only the filled slots: empty ones would widen every table for nothing
+                persistent_pages=self._persistent[..., : self._num_persistent],
+                page_lens=pool.page_lens,
+                key_reps=pool.key_reps,
+                scorer=self.scorer,
+            )
+        return dataclasses.replace(self._layout, query_reps=query_reps)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention of the current chunk: q ``[B, Lc, H, D]``, k, v ``[B, Lc, Hkv, D]`` (BLHD,
@@ -193,7 +197,7 @@ class AttentionState(nn.Module):
         pool = self._require_pool()
         self._check_inputs(q, k, v, pool)
         g = self.geometry
-        pool.write(pool.scratch_ids, k, v)
+        pool.write_scratch(k, v)
         query_reps = pool_query_blocks(q, g.q_block) if self.pattern.needs_scores else None
         table = self.pattern.select(self.view(query_reps))
         if self._cursor.debug:
@@ -265,3 +269,4 @@ class AttentionState(nn.Module):
             or [self._frame_index[:0]]
         )
         self._committed = start + f
+        self._layout = None

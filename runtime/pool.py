@@ -56,6 +56,11 @@ class PagePool:
             raise ValueError(
                 f"scratch_pages must be an int in [0, {num_pages}], got {scratch_pages!r}"
             )
+        if scratch_pages % geometry.pages_per_frame:
+            raise ValueError(
+                f"scratch_pages ({scratch_pages}) must hold whole frames "
+                f"({geometry.pages_per_frame} pages each)"
+            )
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
         self.geometry = geometry
@@ -70,6 +75,10 @@ class PagePool:
         self.key_reps = torch.zeros(*shape, head_dim, device=device, dtype=torch.float32)
         self.used = torch.zeros(shape, device=device, dtype=torch.bool)
         self.used[..., :scratch_pages] = True
+        # the scratch range always holds whole frames: its lengths never change
+        self.page_lens[..., :scratch_pages] = geometry.frame_page_lens(device).repeat(
+            scratch_pages // geometry.pages_per_frame
+        )
         self.scratch_ids = torch.arange(scratch_pages, device=device).expand(*shape[:2], -1)
         self._rows = (
             torch.arange(batch_size, device=device)[:, None, None],
@@ -167,6 +176,30 @@ class PagePool:
 
     # -- contents ---------------------------------------------------------------------------
 
+    def _check_frames(self, k: Tensor, v: Tensor, frames: int) -> None:
+        g = self.geometry
+        expected = (self.batch_size, frames * g.tokens_per_frame, self.num_kv_heads, self.head_dim)
+        for name, x in (("k", k), ("v", v)):
+            if (
+                not isinstance(x, Tensor)
+                or tuple(x.shape) != expected
+                or x.dtype != self.dtype
+                or x.device != self.device
+            ):
+                got = f"{x.dtype} {list(x.shape)} on {x.device}" if isinstance(x, Tensor) else x
+                raise ValueError(
+                    f"{name} must be {self.dtype} {list(expected)} on {self.device}, got {got}"
+                )
+
+    def _frame_reps(self, k: Tensor, frames: int) -> Tensor:
+        """float32 ``[B, Hkv, frames·ppf, D]`` mean keys of the pages of whole frames k."""
+        g = self.geometry
+        b, hkv, d = self.batch_size, self.num_kv_heads, self.head_dim
+        per_frame = k.reshape(b * frames, g.tokens_per_frame, hkv, d)
+        reps = pool_key_blocks(per_frame, g.page_size)  # [B·n, Hkv, ppf, D]
+        reps = reps.reshape(b, frames, hkv, g.pages_per_frame, d).transpose(1, 2)
+        return reps.reshape(b, hkv, -1, d).float()
+
     def write(self, ids: Tensor, k: Tensor, v: Tensor) -> None:
         """Write whole frames into pages and compute their key reps.
 
@@ -175,26 +208,29 @@ class PagePool:
         """
         self._check_ids(ids, "ids")
         g = self.geometry
-        b, hkv, d = self.batch_size, self.num_kv_heads, self.head_dim
-        frames = ids.shape[-1] // g.pages_per_frame
-        expected = (b, frames * g.tokens_per_frame, hkv, d)
         if ids.shape[-1] % g.pages_per_frame:
             raise ValueError(f"ids must list whole frames ({g.pages_per_frame} pages each)")
-        for name, x in (("k", k), ("v", v)):
-            if tuple(x.shape) != expected or x.dtype != self.dtype or x.device != self.device:
-                raise ValueError(
-                    f"{name} must be {self.dtype} {list(expected)} on {self.device}, got "
-                    f"{x.dtype} {list(x.shape)} on {x.device}"
-                )
+        frames = ids.shape[-1] // g.pages_per_frame
+        self._check_frames(k, v, frames)
         rows_b, rows_h = self._rows
         self.k[rows_b, rows_h, ids] = g.to_pages(k)
         self.v[rows_b, rows_h, ids] = g.to_pages(v)
         lens = g.frame_page_lens(self.device).repeat(frames)
-        self.page_lens[rows_b, rows_h, ids] = lens.expand(b, hkv, -1)
-        per_frame = k.reshape(b * frames, g.tokens_per_frame, hkv, d)
-        reps = pool_key_blocks(per_frame, g.page_size)  # [B·n, Hkv, ppf, D]
-        reps = reps.reshape(b, frames, hkv, g.pages_per_frame, d).transpose(1, 2)
-        self.key_reps[rows_b, rows_h, ids] = reps.reshape(b, hkv, -1, d).float()
+        self.page_lens[rows_b, rows_h, ids] = lens.expand(*ids.shape[:2], -1)
+        self.key_reps[rows_b, rows_h, ids] = self._frame_reps(k, frames)
+
+    def write_scratch(self, k: Tensor, v: Tensor) -> None:
+        """Write the current chunk into the scratch pages (the per-pass path): strided copies
+        into the fixed range, no scatter. k, v: BLHD ``[B, F·T, Hkv, D]`` filling the range."""
+        g = self.geometry
+        frames = self.scratch_pages // g.pages_per_frame
+        self._check_frames(k, v, frames)
+        b, hkv, d, t = self.batch_size, self.num_kv_heads, self.head_dim, g.tokens_per_frame
+        span = g.pages_per_frame * g.page_size
+        for pool_t, x in ((self.k, k), (self.v, v)):
+            dst = pool_t[:, :, : self.scratch_pages].view(b, hkv, frames, span, d)[:, :, :, :t]
+            dst.copy_(x.view(b, frames, t, hkv, d).permute(0, 3, 1, 2, 4))
+        self.key_reps[:, :, : self.scratch_pages] = self._frame_reps(k, frames)
 
     def copy(self, src: Tensor, dst: Tensor) -> None:
         """Copy pages (K, V, lengths, key reps) ``src`` → ``dst``, int64 ``[B, Hkv, n]``."""

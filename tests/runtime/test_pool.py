@@ -132,6 +132,31 @@ def test_write_pages_frames_and_computes_key_reps():
                 torch.testing.assert_close(pool.key_reps[b, h, second].double(), mean)
 
 
+def test_write_scratch_equals_write_to_the_scratch_ids():
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(2, 24, 3, 4, generator=g)
+    v = torch.randn(2, 24, 3, 4, generator=g)
+    fast, slow = make_pool(), make_pool()
+    assert (fast.page_lens[..., :4] == torch.tensor([8, 4, 8, 4], dtype=torch.int32)).all()
+    fast.write_scratch(k, v)
+    slow.write(slow.scratch_ids, k, v)
+    for a, b in zip(
+        (fast.k, fast.v, fast.page_lens, fast.key_reps),
+        (slow.k, slow.v, slow.page_lens, slow.key_reps),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    snap = snapshot(fast)
+    with pytest.raises(ValueError, match="k must be"):
+        fast.write_scratch(k[:, :12], v[:, :12])
+    assert_unchanged(fast, snap)
+
+
+def test_scratch_must_hold_whole_frames():
+    with pytest.raises(ValueError, match="whole frames"):
+        make_pool(scratch=3)
+
+
 def test_write_rejects_bad_inputs_and_changes_nothing():
     pool = make_pool()
     ids = pool.allocate(2)
@@ -160,7 +185,7 @@ def test_copy_moves_every_page_field():
 
 def test_random_allocate_free_sequence_keeps_the_free_list_exact():
     rng = random.Random(0)
-    pool = make_pool(num_pages=40, scratch=5, batch=1, kv_heads=2)
+    pool = make_pool(num_pages=40, scratch=4, batch=1, kv_heads=2)
     held = [set(), set()]  # per kv head, the pages we own
     for _ in range(1000):
         if rng.random() < 0.5 and pool.num_used < 40:
@@ -168,7 +193,7 @@ def test_random_allocate_free_sequence_keeps_the_free_list_exact():
             ids = pool.allocate(n)
             for h in range(2):
                 new = set(ids[0, h].tolist())
-                assert not new & held[h] and len(new) == n and min(new, default=5) >= 5
+                assert not new & held[h] and len(new) == n and min(new, default=4) >= 4
                 held[h] |= new
         elif held[0]:
             n = rng.randint(1, len(held[0]))
@@ -177,5 +202,5 @@ def test_random_allocate_free_sequence_keeps_the_free_list_exact():
             for h in range(2):
                 held[h] -= set(picks[h])
         for h in range(2):
-            assert set(pool.used[0, h].nonzero().flatten().tolist()) == held[h] | set(range(5))
-        assert pool.num_used == 5 + len(held[0])
+            assert set(pool.used[0, h].nonzero().flatten().tolist()) == held[h] | set(range(4))
+        assert pool.num_used == 4 + len(held[0])
