@@ -16,6 +16,7 @@ The user's model is never modified: the graph owns its module objects (sharing w
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ from patterns import Pattern, VideoGeometry
 from runtime import AttentionRuntime, CausalWanModel, FullSequenceAttention, StatefulRunner
 from sparsify.capture import CAPTURE_METHODS, capture, runtime_inputs
 from sparsify.classify import SELF, Verdict, classify, keep_reason
+from sparsify.defaults import default_geometry
 from sparsify.matching import find_sites
 from sparsify.ops import bind
 from sparsify.plan import KEPT, REWRITTEN, Plan, PlanRow
@@ -153,11 +155,11 @@ def _geometry(model: nn.Module, geometry: VideoGeometry | None, options: dict) -
             "frames_per_chunk, page_size, q_block)"
         )
     cfg = model.config
-    return VideoGeometry(
-        cfg.tokens_per_frame,
-        cfg.frames_per_chunk,
-        options.get("page_size", 128),
-        options.get("q_block", 128),
+    default = default_geometry(cfg.tokens_per_frame, cfg.frames_per_chunk)
+    return dataclasses.replace(
+        default,
+        page_size=options.get("page_size", default.page_size),
+        q_block=options.get("q_block", default.q_block),
     )
 
 
@@ -216,7 +218,8 @@ def sparsify(
     backend: kernel backend, one of ``codegen.api.BACKENDS`` ("auto": triton on CUDA, torch on
         CPU).
     options: ``mode`` ("cached" | "full_sequence"), ``page_size``/``q_block`` (when the
-        geometry is derived from the model; default 128), ``debug`` (validate block tables),
+        geometry is derived from the model; default `sparsify.defaults.default_geometry`'s),
+        ``debug`` (validate block tables),
         ``capture_methods`` (subset of `sparsify.capture.CAPTURE_METHODS`, in order).
 
     The graph is specialised to the example inputs' shapes, dtype and device (batch size,

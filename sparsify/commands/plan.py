@@ -7,6 +7,7 @@ allocated or computed (the 1.3B presets take seconds and no memory).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 HELP = "print the sparsification plan (sites, decisions, reasons) of a model preset"
@@ -58,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--window-frames", type=int, default=6)
     parser.add_argument("--local-topk", type=int, default=None)
-    parser.add_argument("--page-size", type=int, default=128)
-    parser.add_argument("--q-block", type=int, default=128)
+    parser.add_argument("--page-size", type=int, default=None, help="default: sparsify.defaults")
+    parser.add_argument("--q-block", type=int, default=None, help="default: the page size")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -90,14 +91,15 @@ def _reference(args: argparse.Namespace):
         model = CausalWanModel(cfg)
         x = torch.empty(1, cfg.in_channels, f, cfg.latent_height, cfg.latent_width)
         inputs = (x, torch.empty(1, f), torch.empty(1, cfg.text_len, cfg.text_dim), 0)
-    return model, inputs, None, {"page_size": args.page_size, "q_block": args.q_block}
+    sizes = {"page_size": args.page_size, "q_block": args.q_block or args.page_size}
+    return model, inputs, None, {k: v for k, v in sizes.items() if v is not None}
 
 
 def _diffusers(args: argparse.Namespace):
     import torch
     from diffusers import WanTransformer3DModel
 
-    from patterns import VideoGeometry
+    from sparsify.defaults import default_geometry
 
     config, (frames, height, width), tokens = DIFFUSERS_WAN[args.diffusers_wan]
     with torch.device("meta"):
@@ -110,7 +112,9 @@ def _diffusers(args: argparse.Namespace):
             ),
             "return_dict": False,
         }
-    geometry = VideoGeometry(tokens, 1, args.page_size, args.q_block)
+    geometry = default_geometry(tokens, frames_per_chunk=1)
+    page = args.page_size or geometry.page_size
+    geometry = dataclasses.replace(geometry, page_size=page, q_block=args.q_block or page)
     return model, inputs, geometry, {"mode": "full_sequence"}
 
 

@@ -58,7 +58,7 @@ def test_plan_rewrites_self_and_keeps_cross(sparsified):
     for i, row in enumerate(plan.rewritten):
         assert row.module_path == f"blocks.{i}.self_attn.attn"
         assert row.q_shape == (1, 192, 4, 16) and row.k_shape == row.v_shape == (1, 192, 2, 16)
-        assert row.backend == "auto (torch)" and (row.q_block, row.page_size) == (128, 128)
+        assert row.backend == "auto (torch)" and (row.q_block, row.page_size) == (16, 16)
         assert row.reason == f"-> AttentionState[{i}]"
     for row in plan.kept:
         assert "cross-attention" in row.reason and row.k_shape == (1, 8, 2, 16)
