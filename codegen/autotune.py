@@ -92,33 +92,36 @@ def lookup(p: Problem, return_lse: bool = True) -> LaunchConfig | None:
 
 
 def shared_memory_estimate(p: Problem, config: LaunchConfig) -> int:
-    """Bytes of shared memory: the q tile and num_stages buffers of one K and one V page."""
+    """Bytes of shared memory: the q tile and num_stages buffers of one K and one V step."""
     block_m = min(config.block_m, p.q_block)
-    tiles = block_m * p.head_dim + config.num_stages * 2 * p.page_size * p.head_dim
+    block_n = min(config.block_n or p.page_size, p.page_size)
+    tiles = block_m * p.head_dim + config.num_stages * 2 * block_n * p.head_dim
     return tiles * p.q.element_size()
 
 
-# (block_m, num_warps): 4 warps (one warpgroup) per 64 rows keeps the tensor cores fed; fewer
-# warps per row starve them (measured 2x slower at 128 rows / 4 warps on H100).
+# (block_m, num_warps): one warpgroup (4 warps) per 64 query rows keeps the tensor cores fed;
+# fewer warps per row starve them (measured 2x slower at 128 rows / 4 warps on H100).
 _TILES = ((64, 4), (128, 8))
 
 
 def candidate_configs(p: Problem) -> list[LaunchConfig]:
-    """Tiles of _TILES whose block_m divides q_block, 2-3 pipeline stages, pointer loads and
-    (on Hopper) TMA loads in launch order or longest-first order; pruned by the device's
-    shared memory.
+    """The search space, pruned by divisibility and the device's shared memory:
+    tiles of _TILES whose block_m divides q_block, 2-4 pipeline stages, pointer loads and
+    (on Hopper) TMA loads of whole pages or of 64-key half steps (half the shared memory per
+    stage, so two programs can share an SM), in launch order or longest-first order.
 
     Warp specialisation is not a default candidate: Triton 3.6 fails to compile it for
     4 warps and it measured no gain at 8 warps on H100 (pass configs= to try it)."""
     variants = [dict(tma=False)]
     if supports_tma(p.q.device):
-        variants += [dict(tma=True), dict(tma=True, scheduled=True)]
+        steps = [None] + ([64] if p.page_size > 64 else [])
+        variants += [dict(tma=True, block_n=n, scheduled=s) for n in steps for s in (False, True)]
     limit = torch.cuda.get_device_properties(p.q.device).shared_memory_per_block_optin
     configs = []
     for block_m, warps in _TILES:
         if p.q_block % block_m:
             continue
-        for stages in (2, 3):
+        for stages in (2, 3, 4):
             for variant in variants:
                 c = LaunchConfig(block_m, warps, stages, **variant)
                 if shared_memory_estimate(p, c) <= limit:

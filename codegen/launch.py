@@ -25,6 +25,7 @@ class LaunchConfig:
     tma: bool = False
     warp_specialize: bool = False
     scheduled: bool = False
+    block_n: int | None = None  # keys per step; None: one page per step
 
 
 def supports_tma(device: torch.device) -> bool:
@@ -42,7 +43,8 @@ def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
     """The structure of `p` plus the config's structural choices."""
     return _spec(
         block_m=min(config.block_m, p.q_block),
-        block_n=p.page_size,
+        block_n=min(config.block_n or p.page_size, p.page_size),
+        page_size=p.page_size,
         q_block=p.q_block,
         head_dim=p.head_dim,
         group=p.group,

@@ -25,7 +25,8 @@ class KernelSpec:
     """Structural parameters of one generated kernel.
 
     block_m: query rows per program; divides q_block.
-    block_n: keys per inner step; equals the page size (one page per step).
+    block_n: keys per inner step; divides page_size (a page takes page_size // block_n steps).
+    page_size: tokens per kv page.
     q_block: query rows per block-table row (the q tile m reads row m·block_m // q_block).
     head_dim: D, a power of two in 16…256.
     group: query heads per kv head (H // Hkv).
@@ -41,6 +42,7 @@ class KernelSpec:
 
     block_m: int = 128
     block_n: int = 128
+    page_size: int = 128
     q_block: int = 128
     head_dim: int = 128
     group: int = 1
@@ -54,13 +56,17 @@ class KernelSpec:
     scheduled: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "q_block"):
+        for name in ("block_m", "block_n", "page_size", "q_block"):
             value = getattr(self, name)
             if not _pow2(value) or value < 16:
                 raise ValueError(f"KernelSpec.{name}: expected a power of two >= 16, got {value!r}")
         if not _pow2(self.head_dim) or not 16 <= self.head_dim <= 256:
             raise ValueError(
                 f"KernelSpec.head_dim: expected a power of two in 16..256, got {self.head_dim!r}"
+            )
+        if self.page_size % self.block_n:
+            raise ValueError(
+                f"KernelSpec.block_n: {self.block_n} must divide page_size={self.page_size}"
             )
         if self.q_block % self.block_m:
             raise ValueError(
@@ -97,7 +103,8 @@ class KernelSpec:
             if on
         )
         return (
-            f"pbsa_m{self.block_m}_n{self.block_n}_qb{self.q_block}_d{self.head_dim}"
+            f"pbsa_m{self.block_m}_n{self.block_n}_p{self.page_size}_qb{self.q_block}"
+            f"_d{self.head_dim}"
             f"_g{self.group}_{self.dtype}_{self.layout.lower()}_{flags or 'x'}"
         )
 

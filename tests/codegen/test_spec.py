@@ -15,6 +15,8 @@ from codegen.spec import KernelSpec
         (dict(head_dim=8), "head_dim"),
         (dict(block_m=48), "block_m"),
         (dict(block_n=8), "block_n"),
+        (dict(block_n=64, page_size=32), "block_n"),
+        (dict(page_size=24), "page_size"),
         (dict(block_m=256, q_block=128), "block_m"),
         (dict(group=0), "group"),
         (dict(dtype="float64"), "dtype"),
