@@ -29,11 +29,13 @@ def full_sequence_layout(
     """Frame span of every query block and key block of a ``num_frames``-frame video."""
     tokens = num_frames * geometry.tokens_per_frame
     t = geometry.tokens_per_frame
+    q_frames = token_block_frames(tokens, geometry.q_block, t)  # on the host: no sync
     return FullSequenceLayout(
         geometry,
         num_frames,
-        token_block_frames(tokens, geometry.q_block, t, device),
+        q_frames.to(device),
         token_block_frames(tokens, geometry.page_size, t, device),
+        int((q_frames[:, 1] - q_frames[:, 0]).max()) + 1,
     )
 
 

@@ -62,13 +62,15 @@ class FullSequenceLayout:
 
     q_frames: int64 ``[Mq, 2]`` first/last frame of each query block; k_frames: int64
     ``[N, 2]`` the same for each key block (key blocks of ``page_size`` tokens tile the flat
-    sequence, so unlike cached pages they may straddle two frames).
+    sequence, so unlike cached pages they may straddle two frames). q_block_span: most frames
+    one query block touches (host int).
     """
 
     geometry: VideoGeometry
     num_frames: int
     q_frames: Tensor
     k_frames: Tensor
+    q_block_span: int
 
     def frame_overlap(self, radius: int) -> Tensor:
         """bool ``[Mq, N]``: key block n touches a frame within ``radius`` frames of one of
@@ -78,10 +80,9 @@ class FullSequenceLayout:
 
     def max_blocks_within(self, radius: int) -> int:
         """Most key blocks a query block has within ``radius`` frames (host int)."""
-        q_frames = self.q_frames.cpu()
-        span = int((q_frames[:, 1] - q_frames[:, 0]).max()) + 1 + 2 * radius
+        span = self.q_block_span + 2 * radius
         tokens = min(span, self.num_frames) * self.geometry.tokens_per_frame
-        # a span of whole frames can start mid-block: one extra block at each end at most
+        # a run of whole frames can start mid-block: one block more at most
         return min(self.k_frames.shape[0], math.ceil(tokens / self.geometry.page_size) + 1)
 
 
