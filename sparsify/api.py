@@ -16,6 +16,7 @@ The user's model is never modified: the graph owns its module objects (sharing w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -33,7 +34,7 @@ from sparsify.defaults import default_geometry
 from sparsify.matching import find_sites
 from sparsify.ops import bind
 from sparsify.plan import KEPT, REWRITTEN, Plan, PlanRow
-from sparsify.rewrite import rewrite
+from sparsify.rewrite import rebind, rewrite
 from sparsify.sites import AttentionSite
 
 MODES = ("cached", "full_sequence")
@@ -121,6 +122,24 @@ class SparsifiedModule(nn.Module):
         run around it, not be traced into it.
         """
         self.graph_module.compile(*args, **kwargs)
+
+    def _attention_modules(self) -> list[nn.Module]:
+        """The attention module of each rewritten site, in `site_ids` order."""
+        return list(self.runtime.states if self.mode == "cached" else self.attention)
+
+    def __deepcopy__(self, memo: dict) -> SparsifiedModule:
+        # A plain deep copy would leave the copied graph calling the original's attention
+        # states (site ids are constants in the graph): bind the copies and patch the graph.
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        fresh = {
+            site: bind(module)
+            for site, module in zip(clone.site_ids, clone._attention_modules(), strict=True)
+        }
+        rebind(clone.graph_module, {self.site_ids[site]: fresh[site] for site in fresh})
+        clone.site_ids = fresh
+        return clone
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, {len(self.plan.rewritten)}/{len(self.plan.rows)} rewritten"

@@ -169,3 +169,11 @@ def rewrite(
     module.delete_all_unused_submodules()
     module.recompile()
     return module
+
+
+def rebind(module: GraphModule, site_ids: Mapping[int, int]) -> None:
+    """Point the graph's `pbsa_site` calls from old site ids to new ones (old → new)."""
+    for node in module.graph.nodes:
+        if node.target is PBSA_SITE and node.args[3] in site_ids:
+            node.args = (*node.args[:3], site_ids[node.args[3]])
+    module.recompile()

@@ -3,6 +3,8 @@ PersistentLocal memory bound, re-export/compile, bad input, and the model left u
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -12,8 +14,12 @@ from patterns.footprint import evaluate
 from runtime import CausalWanModel, EagerRunner, GlobalCache, WanConfig, generate
 from runtime.model_config import ATTN_IMPLS
 from sparsify import CaptureError, SparsifiedModule, sparsify
+from sparsify.ops import PBSA_SITE, bound
 
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+]
 
 CONFIG = dict(num_kv_heads=2)  # tiny with GQA: 4 query heads, 2 kv heads of 16 dims
 LATENT = (4, 16, 16)
@@ -116,6 +122,20 @@ def test_state_dict_holds_the_learned_gates(sdpa_module):
     keys = module.state_dict().keys()
     assert {"runner.runtime.states.0.scorer.wq", "runner.runtime.states.1.scorer.wk"} <= keys
     assert "graph_module.blocks.0.self_attn.q.weight" in keys
+
+
+def test_deep_copy_gets_its_own_attention_states(sdpa_module):
+    model, module, inputs, context = sdpa_module
+    clone = copy.deepcopy(module)
+    calls = [n.args[3] for n in clone.graph_module.graph.nodes if n.target is PBSA_SITE]
+    assert calls == list(clone.site_ids.values())
+    assert not set(calls) & set(module.site_ids.values())
+    assert [bound(i) for i in calls] == list(clone.runtime.states)
+    expected = generate(module, context, 1, latent_shape=LATENT, progress=False)
+    torch.testing.assert_close(
+        generate(clone, context, 1, latent_shape=LATENT, progress=False), expected
+    )
+    assert clone.runtime.committed_frames == module.runtime.committed_frames == 3
 
 
 def test_rewritten_graph_exports_and_compiles(sdpa_module):
