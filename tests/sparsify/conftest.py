@@ -169,12 +169,12 @@ def two_stream_inputs(length: int = 12, context: int = 5, dim: int = 32) -> tupl
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def spellings():
     return SPELLINGS
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def two_stream():
     """factory(spelling name or function, **kwargs) → TwoStream in eval mode (GQA spellings:
     4 query heads, 2 kv heads)."""
@@ -188,21 +188,21 @@ def two_stream():
     return make
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def inputs():
     return two_stream_inputs
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def rewrite_sites():
     return rewrite_self_sites
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def oracle():
     return Oracle
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def scales():
     return SCALES

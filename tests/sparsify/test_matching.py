@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from sparsify.capture import capture
@@ -133,3 +135,57 @@ def test_three_d_attention_without_heads_is_unsupported():
     (site,) = find_sites(capture(Headless(), (q, k, v)).graph_module)
     assert site.q is None
     assert "head split" in site.unsupported
+
+
+def _to_layout(t, layout: str):
+    """BLHD tensor permuted to `layout` (a permutation of "blhd")."""
+    return t.permute(*("blhd".index(c) for c in layout))
+
+
+class AnyLayout(nn.Module):
+    """Self-attention whose q, k, v, scores and output are einsum'd in arbitrary layouts."""
+
+    def __init__(self, heads, groups, dim, layouts, scale):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads, self.groups, self.dim = heads, groups, dim
+        self.qkv = nn.Linear(32, (heads + 2 * (heads // groups)) * dim)
+        self.layouts, self.scale = layouts, scale
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        kv_heads = self.heads // self.groups
+        q, k, v = self.qkv(x).split(
+            [self.heads * self.dim, kv_heads * self.dim, kv_heads * self.dim], -1
+        )
+        q, k, v = (t.view(b, n, -1, self.dim) for t in (q, k, v))  # BLHD
+        k, v = (t.repeat_interleave(self.groups, dim=2) for t in (k, v))
+        lq, lk, lv, lo = self.layouts
+        q, k, v = (_to_layout(t, lay) for t, lay in zip((q, k, v), (lq, lk, lv), strict=True))
+        kl, vl = lk.replace("l", "m"), lv.replace("l", "m")
+        scores = torch.einsum(f"{lq},{kl}->bhlm", q, k) * self.scale
+        out = torch.einsum(f"bhlm,{vl}->{lo}", scores.softmax(-1), v)
+        return out.permute(*(lo.index(c) for c in "blhd")).flatten(2)
+
+
+@given(
+    heads=st.sampled_from([2, 4]),
+    groups=st.sampled_from([1, 2]),
+    dim=st.sampled_from([16, 32]),
+    length=st.integers(3, 9),
+    layouts=st.tuples(*[st.permutations("blhd").map("".join)] * 4),
+    scale=st.floats(0.05, 1.0),
+)
+def test_any_layout_is_normalised_and_rewritten_exactly(
+    heads, groups, dim, length, layouts, scale, rewrite_sites
+):
+    model = AnyLayout(heads, groups, dim, layouts, scale).eval()
+    x = torch.randn(2, length, 32, generator=torch.Generator().manual_seed(length))
+    gm, sites, verdicts, reasons, oracles = rewrite_sites(model, (x,), ("fx.symbolic_trace",))
+    (site,) = sites
+    assert reasons[0] is None
+    assert site.q_shape == (2, length, heads, dim)
+    assert site.k_shape == (2, length, heads // groups, dim)  # GQA not expanded
+    assert site.effective_scale() == pytest.approx(scale)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)
