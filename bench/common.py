@@ -53,6 +53,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    line = lambda vals: (
+        "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)) + " |"
+    )
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(columns), sep, *(line(r) for r in cells)])

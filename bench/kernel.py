@@ -176,9 +176,9 @@ def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict
     from torch.nn.attention.flex_attention import flex_attention
 
     import codegen
-    from codegen.autotune import autotune, candidate_configs
     from codegen.launch import pbsa_triton
     from codegen.problem import validate
+    from codegen.tuning import autotune, candidate_configs
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -227,8 +227,8 @@ def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict
         computed = computed_tokens(case, counts)
         mask = flex_block_mask(case, counts, idx)
         flex_ms = {
-            "blhd_view": time_ms(lambda: flex(qt, kt, vt, block_mask=mask)),
-            "bhld_contig": time_ms(lambda: flex(qc, kc, vc, block_mask=mask)),
+            "blhd_view": time_ms(lambda m=mask: flex(qt, kt, vt, block_mask=m)),
+            "bhld_contig": time_ms(lambda m=mask: flex(qc, kc, vc, block_mask=m)),
         }
         flex_out = flex(qt, kt, vt, block_mask=mask)
         args = (q, k, v, counts, idx, None)
@@ -239,12 +239,16 @@ def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict
             config = autotune(*a, **kw, progress=False)
             out, _ = codegen.pbsa_attention(*a, **kw)
             err = float((out.float() - flex_out.transpose(1, 2).float()).abs().max())
-            timed[impl] = (time_ms(lambda a=a: codegen.pbsa_attention(*a, **kw)), config, err)
+            timed[impl] = (
+                time_ms(lambda a=a, kw=kw: codegen.pbsa_attention(*a, **kw)),
+                config,
+                err,
+            )
             if sweep:
                 p = validate(*a, scale=None, **kw)
                 for c in candidate_configs(p):
                     try:
-                        ms = time_ms(lambda c=c: pbsa_triton(p, config=c), warmup=10, rep=40)
+                        ms = time_ms(lambda c=c, p=p: pbsa_triton(p, config=c), warmup=10, rep=40)
                     except Exception as e:  # noqa: BLE001 -- record why a config cannot run
                         ms = f"{type(e).__name__}: {str(e)[:120]}"
                     sweep_rows.append(

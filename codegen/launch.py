@@ -95,7 +95,7 @@ def _schedule(p: Problem, block_m: int) -> Tensor:
 def default_config(p: Problem, interpret: bool, return_lse: bool = True) -> LaunchConfig:
     if interpret:
         return LaunchConfig(block_m=min(64, p.q_block), num_warps=4, num_stages=1)
-    from codegen.autotune import lookup
+    from codegen.tuning import lookup
 
     return lookup(p, return_lse) or LaunchConfig(
         block_m=min(128, p.q_block), num_warps=8, num_stages=2, tma=supports_tma(p.q.device)

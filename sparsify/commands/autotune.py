@@ -1,0 +1,63 @@
+"""`sparsify autotune`: tune the PBSA kernel for the kernel benchmark's shapes (GPU).
+
+For each case and density of `bench.kernel` (B=1, H=12, D=128, bf16, Lq 4680) it builds the
+benchmark's block table and runs `codegen.tuning` on contiguous and paged K/V; winners are
+stored in the kernel cache dir (`autotune.json`) and used by every later call of that shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "autotune the PBSA kernel for the kernel benchmark's shapes and store the winners"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cases", default="sf5s,paper65k", help="comma-separated case names")
+    parser.add_argument("--force", action="store_true", help="re-time even if a winner exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from bench.common import format_table
+    from bench.kernel import CASES, PAGE, Q_BLOCK, build_table
+    from codegen import autotune
+    from codegen.cache import cache_dir
+
+    names = args.cases.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise ValueError(f"--cases: unknown {unknown}; expected names from {sorted(CASES)}")
+    if not torch.cuda.is_available():
+        print("sparsify autotune: no CUDA device; the interpreter uses one fixed config")
+        return 0
+    dev = torch.device("cuda")
+    rows = []
+    for name in names:
+        case = CASES[name]
+        b, h, d, lk = 1, case.heads, case.head_dim, case.kv_tokens
+        q = torch.randn(b, case.q_len, h, d, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(b, lk, h, d, device=dev, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        pad = case.num_pages * PAGE - lk
+        pools = [
+            F.pad(t.transpose(1, 2), (0, 0, 0, pad))
+            .reshape(b, h, case.num_pages, PAGE, d)
+            .contiguous()
+            for t in (k, v)
+        ]
+        lens = torch.full((b, h, case.num_pages), PAGE, dtype=torch.int32, device=dev)
+        lens[..., -1] = lk - (case.num_pages - 1) * PAGE
+        for density in case.densities:
+            counts, idx = build_table(case, density, dev)
+            for mode, kv in (
+                ("contiguous", (k, v, counts, idx)),
+                ("paged", (*pools, counts, idx, lens)),
+            ):
+                config = autotune(q, *kv, q_block=Q_BLOCK, page_size=PAGE, force=args.force)
+                rows.append(dict(case=name, density=density, kv=mode, config=str(config)))
+    print(f"winners stored in {cache_dir() / 'autotune.json'}")
+    print(format_table(rows, ["case", "density", "kv", "config"]))
+    return 0
