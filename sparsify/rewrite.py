@@ -88,15 +88,16 @@ def _rewrite_site(graph: Graph, site: AttentionSite, site_id: int) -> None:
 # Pre-dispatch export brackets vmap/jvp regions (e.g. FlexAttention's block-mask
 # construction) with calls that have no outputs: a region lives or dies as a whole.
 _OPENING = {
-    predispatch._vmap_increment_nesting,
-    predispatch._jvp_increment_nesting,
-    predispatch._enter_dual_level,
+    getattr(predispatch, name)
+    for name in ("_vmap_increment_nesting", "_jvp_increment_nesting", "_enter_dual_level")
+    if hasattr(predispatch, name)  # the set differs between torch versions
 }
 _CLOSING = {
-    predispatch._vmap_decrement_nesting,
-    predispatch._jvp_decrement_nesting,
-    predispatch._exit_dual_level,
+    getattr(predispatch, name)
+    for name in ("_vmap_decrement_nesting", "_jvp_decrement_nesting", "_exit_dual_level")
+    if hasattr(predispatch, name)
 }
+_LOADER = getattr(predispatch, "lazy_load_decompositions", None)
 _FACTORIES = {
     "new_zeros", "new_ones", "new_empty", "new_full", "zeros", "ones", "empty", "full",
     "zeros_like", "ones_like", "empty_like", "full_like", "clone", "arange",
@@ -122,7 +123,7 @@ def remove_dead_code(graph: Graph, removable: Collection[Node] = ()) -> None:
             live.add(node)
         elif node.target in _OPENING or node.target in _CLOSING:
             continue  # decided with their region below
-        elif node.target is predispatch.lazy_load_decompositions:
+        elif _LOADER is not None and node.target is _LOADER:
             continue
         elif any(u in live for u in node.users):
             live.add(node)
@@ -140,7 +141,7 @@ def remove_dead_code(graph: Graph, removable: Collection[Node] = ()) -> None:
             if live_before[order[node]] > live_before[order[start] + 1]:
                 live.update((start, node))
     for node in nodes:  # a decomposition loader serves the region that follows it
-        if node.target is predispatch.lazy_load_decompositions:
+        if _LOADER is not None and node.target is _LOADER:
             following = next((n for n in nodes[order[node] :] if n.target in _OPENING), None)
             if following is None or following in live:
                 live.add(node)
