@@ -116,8 +116,9 @@ class KVCacheSlot(Protocol):
 # Layers
 
 
-class SelfAttention(nn.Module):
-    """Wan self-attention: q/k/v/o projections, RMSNorm on q and k, RoPE, `self.attn`."""
+class _Attention(nn.Module):
+    """Wan's attention parameters: q/k/v/o projections, RMSNorm on q and k, and `self.attn`,
+    the replaceable attention spelling."""
 
     def __init__(self, config: WanConfig):
         super().__init__()
@@ -130,6 +131,10 @@ class SelfAttention(nn.Module):
         self.norm_q = nn.RMSNorm(config.dim, eps=config.eps)
         self.norm_k = nn.RMSNorm(kv_dim, eps=config.eps)
         self.attn = ATTENTION_MODULES[config.attn_impl]()
+
+
+class SelfAttention(_Attention):
+    """Wan self-attention: RoPE on q and k at absolute frame positions."""
 
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, L, dim] -> q [B, L, H, D], k and v [B, L, Hkv, D]; q and k rotated."""
@@ -154,20 +159,8 @@ class SelfAttention(nn.Module):
         return self.o(self.attn(q, k, v).flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Wan text cross-attention: q from the video tokens, k/v from the embedded context."""
-
-    def __init__(self, config: WanConfig):
-        super().__init__()
-        kv_dim = config.num_kv_heads * config.head_dim
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.q = nn.Linear(config.dim, config.dim)
-        self.k = nn.Linear(config.dim, kv_dim)
-        self.v = nn.Linear(config.dim, kv_dim)
-        self.o = nn.Linear(config.dim, config.dim)
-        self.norm_q = nn.RMSNorm(config.dim, eps=config.eps)
-        self.norm_k = nn.RMSNorm(kv_dim, eps=config.eps)
-        self.attn = ATTENTION_MODULES[config.attn_impl]()
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """x [B, L, dim], context [B, L_text, dim] -> [B, L, dim]."""
