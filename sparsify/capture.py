@@ -102,13 +102,24 @@ def _placeholder_values(
     return [bound.arguments.get(str(n.target).lstrip("*")) for n in placeholders]
 
 
+class _ValueProp(FakeTensorProp):
+    """FakeTensorProp that also records Python values (shape arithmetic such as `D ** -0.5`),
+    which some torch versions leave out of `meta["val"]`."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.meta.get("val") is None and isinstance(result, (int, float, bool, tuple)):
+            n.meta["val"] = result
+        return result
+
+
 def _propagate_shapes(graph_module: GraphModule, values: list[Any]) -> None:
     """Fill `meta["val"]` of nodes that lack it by running the graph on fake tensors."""
     if all("val" in n.meta for n in graph_module.graph.nodes if n.op != "output"):
         return
     mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
     fake = [mode.from_tensor(v) if isinstance(v, Tensor) else v for v in values]
-    FakeTensorProp(graph_module, mode).propagate(*fake)
+    _ValueProp(graph_module, mode).propagate(*fake)
 
 
 _PATHS: dict[str, Callable[[nn.Module, tuple, dict], GraphModule]] = {
