@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -45,14 +45,9 @@ class Horizon:
         return 4 * self.latent_frames - 3
 
 
+# Dense attention lengths stop changing once the 21-frame window is full (chunk 7).
+WARMUP_CHUNKS = SELF_FORCING_WINDOW_FRAMES // 3 + 1
 HORIZONS = {h.name: h for h in (Horizon("5s", 7), Horizon("20s", 27), Horizon("60s", 80))}
-
-
-def dense_pattern(horizon: Horizon) -> Dense:
-    """`Dense` with the baseline's cache policy (`runtime.self_forcing_cache`)."""
-    if horizon.latent_frames <= SELF_FORCING_WINDOW_FRAMES:
-        return Dense()
-    return Dense(window_frames=SELF_FORCING_WINDOW_FRAMES)
 
 
 def _sync() -> None:
@@ -81,45 +76,72 @@ def run_rollout(runner: ChunkRunner, config: WanConfig, context, chunks: int) ->
     )
 
 
-ATTENTION_KERNELS = ("flash", "fmha", "attention", "pbsa", "cudnn", "sdpa", "flex")
+def self_attention_modules(runner) -> list[torch.nn.Module]:
+    """The modules that compute self-attention in a runner: the reference model's attention
+    spellings for the eager baseline, the runtime's per-layer states for `sparsify`'s."""
+    if isinstance(runner, EagerRunner):
+        return [block.self_attn.attn for block in runner.model.blocks]
+    return list(runner.runtime.states)
 
 
-def attention_fraction(runner: ChunkRunner, config: WanConfig, context) -> float | None:
-    """Share of GPU kernel time spent in self-attention kernels during a one-chunk rollout,
-    from the profiler's kernel names (cross-attention kernels are excluded by their much
-    shorter key length only if they are named differently; both run through SDPA here, so
-    the cross-attention share, ~1 % at 512 text tokens, is counted in)."""
+class _ProfiledRunner:
+    """A runner that steps a profiler at every commit (one profiler step per chunk)."""
+
+    def __init__(self, runner: ChunkRunner, profiler):
+        self.runner, self.profiler = runner, profiler
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
+
+    def __call__(self, x, timestep, context, start_frame, commit):
+        out = self.runner(x, timestep, context, start_frame, commit)
+        if commit:
+            self.profiler.step()
+        return out
+
+
+SELF_ATTENTION_RANGE = "bench.self_attention"
+
+
+def attention_fraction(runner: ChunkRunner, config: WanConfig, context, horizon: Horizon):
+    """Share of GPU kernel time spent inside self-attention (for `sparsify`'s runner that
+    includes building the block tables and the cache updates), from a profiled rollout:
+    the whole rollout at 5 s, and a chunk in the steady state (21 frames of history) for the
+    longer horizons, whose later chunks all look alike."""
     if not torch.cuda.is_available():
         return None
-    from torch.profiler import ProfilerActivity, profile
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile, schedule
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run_rollout(runner, config, context, 1)
-    total = attention = 0.0
-    for event in prof.key_averages():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        kernel_time = getattr(event, "device_time_total", None)
-        if kernel_time is None:  # torch < 2.4 spelling
-            kernel_time = event.cuda_time_total
-        total += kernel_time
-        if any(name in event.key.lower() for name in ATTENTION_KERNELS):
-            attention += kernel_time
+    chunks = min(horizon.chunks, WARMUP_CHUNKS)
+    skip = 0 if chunks == horizon.chunks else chunks - 1
+    ranges, handles = {}, []
+
+    def enter(module, args):
+        ranges[id(module)] = record_function(SELF_ATTENTION_RANGE).__enter__()
+
+    def leave(module, args, out):
+        ranges.pop(id(module)).__exit__(None, None, None)
+
+    for module in self_attention_modules(runner):
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        with warnings.catch_warnings():
+            # warmup=0 is deliberate: the 5 s rollout is profiled from its first chunk
+            warnings.filterwarnings("ignore", message=".*warmup.*|.*clears events.*")
+            with profile(
+                activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                schedule=schedule(wait=skip, warmup=0, active=chunks - skip, repeat=1),
+            ) as prof:
+                run_rollout(_ProfiledRunner(runner, prof), config, context, chunks)
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = prof.key_averages()
+    device_time = lambda e: getattr(e, "device_time_total", None) or e.cuda_time_total
+    total = sum(device_time(e) for e in events if e.device_type.name == "CUDA")
+    attention = sum(device_time(e) for e in events if e.key == SELF_ATTENTION_RANGE)
     return attention / total if total else None
-
-
-def build_runners(
-    model: CausalWanModel, horizon: Horizon, context, impls: list[str]
-) -> dict[str, Callable[[], ChunkRunner]]:
-    config = model.config
-    geometry = default_geometry(config.tokens_per_frame, config.frames_per_chunk)
-    example = example_chunk(config, context)
-    makers = {
-        "dense": lambda: EagerRunner(model, self_forcing_cache(horizon.latent_frames)),
-        "sparse": lambda: sparsify(model, example, default_pattern(geometry), geometry=geometry),
-        "sparse_dense": lambda: sparsify(model, example, dense_pattern(horizon), geometry=geometry),
-    }
-    return {name: makers[name] for name in impls}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,22 +161,35 @@ def main(argv: list[str] | None = None) -> int:
     context = torch.randn(1, config.text_len, config.text_dim, device=device, dtype=dtype)
     impls = args.impls.split(",")
 
+    geometry = default_geometry(config.tokens_per_frame, config.frames_per_chunk)
+    example = example_chunk(config, context)
+    # Built once and reset per rollout: the graph is captured once for every horizon.
+    patterns = {
+        "sparse": default_pattern(geometry),
+        # the dense baseline's cache policy on the sparse runtime: what the rewrite costs
+        "sparse_dense": Dense(window_frames=SELF_FORCING_WINDOW_FRAMES),
+    }
+    sparse_runners = {
+        impl: sparsify(model, example, patterns[impl], geometry=geometry)
+        for impl in impls if impl in patterns
+    }
+
     records = []
     for name in args.horizons.split(","):
         horizon = HORIZONS[name]
-        runners = build_runners(model, horizon, context, impls)
-        for impl, make in runners.items():
-            runner = make()
-            run_rollout(runner, config, context, 1)  # warm-up: compile, autotune, caches
+        for impl in impls:
+            if impl == "dense":
+                runner = EagerRunner(model, self_forcing_cache(horizon.latent_frames))
+            else:
+                runner = sparse_runners[impl]
+            # Warm-up over every KV length the timed run meets (cuDNN plans, kernels).
+            run_rollout(runner, config, context, min(horizon.chunks, WARMUP_CHUNKS))
             record = dict(horizon=name, impl=impl, chunks=horizon.chunks)
             record.update(run_rollout(runner, config, context, horizon.chunks))
             record["fps"] = horizon.pixel_frames / record["seconds"]
-            record["attention_fraction"] = attention_fraction(runner, config, context)
+            record["attention_fraction"] = attention_fraction(runner, config, context, horizon)
             records.append(record)
             print(f"{name} {impl}: {record['seconds']:.2f} s", flush=True)
-            del runner
-            if device == "cuda":
-                torch.cuda.empty_cache()
         base = next((r for r in records if r["horizon"] == name and r["impl"] == "dense"), None)
         for r in records:
             if base and r["horizon"] == name:
