@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         for impl in impls if impl in patterns
     }
 
+    card = device_record()
     records = []
     for name in args.horizons.split(","):
         horizon = HORIZONS[name]
@@ -189,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
             record["fps"] = horizon.pixel_frames / record["seconds"]
             record["attention_fraction"] = attention_fraction(runner, config, context, horizon)
             records.append(record)
-            print(f"{name} {impl}: {record['seconds']:.2f} s", flush=True)
-        base = next((r for r in records if r["horizon"] == name and r["impl"] == "dense"), None)
-        for r in records:
-            if base and r["horizon"] == name:
-                r["speedup"] = base["seconds"] / r["seconds"]
-                r["kv_reduction"] = 1.0 - r["peak_kv_bytes"] / base["peak_kv_bytes"]
+            base = next((r for r in records if r["horizon"] == name and r["impl"] == "dense"),
+                        None)
+            if base is not None:
+                record["speedup"] = base["seconds"] / record["seconds"]
+                record["kv_reduction"] = 1.0 - record["peak_kv_bytes"] / base["peak_kv_bytes"]
+            print(record, flush=True)
+            # after every record, so that a run cut short keeps what it measured
+            write_json(args.json, dict(device=card, preset=args.preset, records=records))
 
-    write_json(args.json, dict(device=device_record(), preset=args.preset, records=records))
     columns = ["horizon", "impl", "seconds", "seconds_per_chunk", "fps", "peak_kv_bytes",
                "peak_cuda_bytes", "attention_fraction", "speedup", "kv_reduction"]
     print(format_table(records, columns))
