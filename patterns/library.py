@@ -396,16 +396,40 @@ class PersistentLocal(Pattern):
         k = self.local_k(window_pages)
         if k >= window_pages:
             return _all_visible(view)
-        valid = visible_heads(view)  # [B, H, 1, N]
-        scores = block_logits(view, gather_reps(view.key_reps, cols.ids[..., c:]))
-        local = topk_mask(scores, valid[..., c:], k)
+        fixed = view.cached("persistent_local", lambda: self._fixed_parts(view))
+        scores = block_logits(view, view.key_reps.gather(2, fixed["rep_index"]))
+        # topk_mask inlined over the memoised mask (saves a negation and a copy per pass)
+        masked = scores.masked_fill(fixed["blocked"], float("-inf"))
+        picked = torch.zeros(masked.shape, dtype=torch.bool, device=masked.device)
+        local = picked.scatter_(-1, masked.topk(k, dim=-1).indices, True) & fixed["allowed"]
         own_pages = 0
         if self.force_own_frame:
-            local = local | own_frame_mask(view)[:, c:]  # chunk pages are always valid
+            local = local | fixed["own"]  # chunk pages are always valid
             own_pages = max_own_pages(g)
-        vis = torch.cat([valid[..., :c].expand(*local.shape[:3], c), local], dim=-1)
+        vis = torch.cat([fixed["persistent"].expand(*local.shape[:3], c), local], dim=-1)
         bound = min(vis.shape[-1], c + k + own_pages)
-        return BlockTable.from_visibility(vis, g.q_block, g.page_size, cols.ids, bound)
+        return BlockTable.from_visibility(vis, g.q_block, g.page_size, fixed["ids"], bound)
+
+    @staticmethod
+    def _fixed_parts(view: CacheView) -> dict[str, Tensor]:
+        """What ``select`` needs that depends on the cache layout only (built once per chunk):
+        the gather index of the window pages' key reps ``[B, Hkv, Nw, D]``, their validity
+        per query head ``[B, H, 1, Nw]`` and its negation, the own-frame mask ``[Mq, Nw]``,
+        the persistent columns' validity ``[B, H, 1, C]`` and the column ids in int32."""
+        cols = columns(view)
+        c = cols.num_persistent
+        valid = visible_heads(view)  # [B, H, 1, N]
+        window_ids = cols.ids[..., c:]
+        return {
+            "rep_index": window_ids.clamp(min=0)[..., None]
+            .expand(*window_ids.shape, view.key_reps.shape[-1])
+            .contiguous(),
+            "allowed": valid[..., c:],
+            "blocked": ~valid[..., c:],
+            "own": own_frame_mask(view)[:, c:],
+            "persistent": valid[..., :c],
+            "ids": cols.ids.to(torch.int32),
+        }
 
     def update_persistent(
         self,

@@ -23,6 +23,7 @@ Both matrices start at the identity, so an untrained scorer is plain mean poolin
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -75,6 +76,13 @@ def query_block_rows(
     return (num_rows - starts).clamp(max=q_block)
 
 
+@functools.lru_cache(maxsize=64)
+def _block_rows(num_rows: int, q_block: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``query_block_rows`` in ``dtype``, memoised (read-only): pooling runs on every pass of
+    every layer, and rebuilding this constant costs four kernel launches each time."""
+    return query_block_rows(num_rows, q_block, device=device).to(dtype)
+
+
 def _block_sum(x: Tensor, block: int, dim: int) -> Tensor:
     """Sum ``x`` over consecutive groups of ``block`` entries along ``dim`` (zero-padded)."""
     length = x.shape[dim]
@@ -99,7 +107,7 @@ def pool_query_blocks(q: Tensor, q_block: int) -> Tensor:
         raise ValueError("q must have at least one query row (Lq > 0)")
     x = q.to(_compute_dtype(q.dtype))
     sums = _block_sum(x, q_block, dim=1)  # [B, M, H, D]
-    rows = query_block_rows(q.shape[1], q_block, device=q.device).to(x.dtype)
+    rows = _block_rows(q.shape[1], q_block, q.device, x.dtype)
     return (sums / rows[:, None, None]).permute(0, 2, 1, 3)
 
 
@@ -256,10 +264,12 @@ class BlockScorer(nn.Module):
         dtype = _compute_dtype(torch.promote_types(q_reps.dtype, k_reps.dtype))
         batch, heads, m, d = q_reps.shape
         hkv = self.num_kv_heads
-        phi_q = torch.einsum("bhmd,hde->bhme", q_reps.to(dtype), self.wq.to(dtype))
-        phi_k = torch.einsum("bknd,kde->bkne", k_reps.to(dtype), self.wk.to(dtype))
+        # broadcast matmuls, not einsums: the same batched GEMMs with a fraction of the
+        # host-side view ops (this runs on every pass of every layer)
+        phi_q = torch.matmul(q_reps.to(dtype), self.wq.to(dtype))
+        phi_k = torch.matmul(k_reps.to(dtype), self.wk.to(dtype))
         phi_q = phi_q.reshape(batch, hkv, heads // hkv, m, d)
-        logits = torch.einsum("bkgme,bkne->bkgmn", phi_q, phi_k) / math.sqrt(d)
+        logits = torch.matmul(phi_q, phi_k.transpose(-1, -2)[:, :, None]) / math.sqrt(d)
         return logits.reshape(batch, heads, m, k_reps.shape[2])
 
     def importance(self, q_reps: Tensor, k_reps: Tensor, candidate_mask: Tensor) -> Tensor:

@@ -105,6 +105,7 @@ def own_frame_mask(view: CacheView) -> Tensor:
     return view.cached("own_frames", build)
 
 
+@functools.lru_cache(maxsize=64)
 def max_own_pages(geometry: VideoGeometry) -> int:
     """Most pages a query block's own frames hold (host int, from geometry only)."""
     q_frames = _q_block_frames(geometry, torch.device("cpu"))

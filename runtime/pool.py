@@ -85,6 +85,15 @@ class PagePool:
             torch.arange(num_kv_heads, device=device)[None, :, None],
         )
         self.scratch_pages = scratch_pages
+        # the per-pass destinations of write_scratch, as views built once: [B, Hkv, F, T, D]
+        # of k and v, and [B, Hkv, F·ppf, D] of key_reps (each view costs a dispatch per pass)
+        frames, span = scratch_pages // geometry.pages_per_frame, geometry.pages_per_frame * page
+        tokens = geometry.tokens_per_frame
+        self._scratch_kv = tuple(
+            t[:, :, :scratch_pages].view(*shape[:2], frames, span, head_dim)[:, :, :, :tokens]
+            for t in (self.k, self.v)
+        )
+        self._scratch_reps = self.key_reps[:, :, :scratch_pages]
         self.num_used = scratch_pages
         self.peak_used = scratch_pages
         self.page_bytes = 2 * batch_size * num_kv_heads * page * head_dim * self.k.element_size()
@@ -226,11 +235,9 @@ class PagePool:
         frames = self.scratch_pages // g.pages_per_frame
         self._check_frames(k, v, frames)
         b, hkv, d, t = self.batch_size, self.num_kv_heads, self.head_dim, g.tokens_per_frame
-        span = g.pages_per_frame * g.page_size
-        for pool_t, x in ((self.k, k), (self.v, v)):
-            dst = pool_t[:, :, : self.scratch_pages].view(b, hkv, frames, span, d)[:, :, :, :t]
+        for dst, x in zip(self._scratch_kv, (k, v), strict=True):
             dst.copy_(x.view(b, frames, t, hkv, d).permute(0, 3, 1, 2, 4))
-        self.key_reps[:, :, : self.scratch_pages] = self._frame_reps(k, frames)
+        self._scratch_reps.copy_(self._frame_reps(k, frames))
 
     def copy(self, src: Tensor, dst: Tensor) -> None:
         """Copy pages (K, V, lengths, key reps) ``src`` → ``dst``, int64 ``[B, Hkv, n]``."""
