@@ -9,7 +9,7 @@ formula counts).
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -189,7 +189,11 @@ class AttentionState(nn.Module):
                 key_reps=pool.key_reps,
                 scorer=self.scorer,
             )
-        return dataclasses.replace(self._layout, query_reps=query_reps)
+        # a shallow copy shares the memo and skips __post_init__'s checks, which the layout
+        # passed once this chunk (dataclasses.replace would re-run them on every pass)
+        view = copy.copy(self._layout)
+        object.__setattr__(view, "query_reps", query_reps)
+        return view
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention of the current chunk: q ``[B, Lc, H, D]``, k, v ``[B, Lc, Hkv, D]`` (BLHD,

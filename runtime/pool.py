@@ -84,6 +84,11 @@ class PagePool:
             torch.arange(batch_size, device=device)[:, None, None],
             torch.arange(num_kv_heads, device=device)[None, :, None],
         )
+        # first flat page of each (batch, kv head) row, int64 [B, Hkv, 1]
+        self._row_starts = (
+            torch.arange(batch_size * num_kv_heads, device=device).view(batch_size, num_kv_heads, 1)
+            * num_pages
+        )
         self.scratch_pages = scratch_pages
         # the per-pass destinations of write_scratch, as views built once: [B, Hkv, F, T, D]
         # of k and v, and [B, Hkv, F·ppf, D] of key_reps (each view costs a dispatch per pass)
@@ -245,6 +250,9 @@ class PagePool:
         self._check_ids(dst, "dst")
         if src.shape != dst.shape:
             raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ")
-        rows_b, rows_h = self._rows
+        # flat row indices and index_select/index_copy_: the same copy as advanced indexing
+        # with far less host work (it runs for every layer at every commit)
+        src, dst = (ids.add(self._row_starts).view(-1) for ids in (src, dst))
         for t in (self.k, self.v, self.page_lens, self.key_reps):
-            t[rows_b, rows_h, dst] = t[rows_b, rows_h, src]
+            flat = t.view(-1, *t.shape[3:])
+            flat.index_copy_(0, dst, flat.index_select(0, src))
