@@ -28,8 +28,10 @@ class LaunchConfig:
     block_n: int | None = None  # keys per step; None: one page per step
 
 
+@functools.lru_cache(maxsize=16)
 def supports_tma(device: torch.device) -> bool:
-    """TMA descriptors need a CUDA device of compute capability >= 9 (Hopper)."""
+    """TMA descriptors need a CUDA device of compute capability >= 9 (Hopper). Memoised:
+    untuned calls ask on every launch, and the capability query is host work."""
     if device.type != "cuda":
         return False
     try:

@@ -91,14 +91,16 @@ class PagePool:
         )
         self.scratch_pages = scratch_pages
         # the per-pass destinations of write_scratch, as views built once: [B, Hkv, F, T, D]
-        # of k and v, and [B, Hkv, F·ppf, D] of key_reps (each view costs a dispatch per pass)
+        # of k and v, and [B, Hkv, F, ppf, D] of key_reps (each view costs a dispatch per pass)
         frames, span = scratch_pages // geometry.pages_per_frame, geometry.pages_per_frame * page
         tokens = geometry.tokens_per_frame
         self._scratch_kv = tuple(
             t[:, :, :scratch_pages].view(*shape[:2], frames, span, head_dim)[:, :, :, :tokens]
             for t in (self.k, self.v)
         )
-        self._scratch_reps = self.key_reps[:, :, :scratch_pages]
+        self._scratch_reps = self.key_reps[:, :, :scratch_pages].view(
+            *shape[:2], frames, geometry.pages_per_frame, head_dim
+        )
         self.num_used = scratch_pages
         self.peak_used = scratch_pages
         self.page_bytes = 2 * batch_size * num_kv_heads * page * head_dim * self.k.element_size()
@@ -206,13 +208,13 @@ class PagePool:
                 )
 
     def _frame_reps(self, k: Tensor, frames: int) -> Tensor:
-        """float32 ``[B, Hkv, frames·ppf, D]`` mean keys of the pages of whole frames k."""
+        """Mean keys of the pages of whole frames k: ``[B, Hkv, frames, ppf, D]`` (a strided
+        view; float32, float64 stays)."""
         g = self.geometry
         b, hkv, d = self.batch_size, self.num_kv_heads, self.head_dim
         per_frame = k.reshape(b * frames, g.tokens_per_frame, hkv, d)
         reps = pool_key_blocks(per_frame, g.page_size)  # [B·n, Hkv, ppf, D]
-        reps = reps.reshape(b, frames, hkv, g.pages_per_frame, d).transpose(1, 2)
-        return reps.reshape(b, hkv, -1, d).float()
+        return reps.view(b, frames, hkv, g.pages_per_frame, d).transpose(1, 2)
 
     def write(self, ids: Tensor, k: Tensor, v: Tensor) -> None:
         """Write whole frames into pages and compute their key reps.
@@ -231,7 +233,8 @@ class PagePool:
         self.v[rows_b, rows_h, ids] = g.to_pages(v)
         lens = g.frame_page_lens(self.device).repeat(frames)
         self.page_lens[rows_b, rows_h, ids] = lens.expand(*ids.shape[:2], -1)
-        self.key_reps[rows_b, rows_h, ids] = self._frame_reps(k, frames)
+        reps = self._frame_reps(k, frames).reshape(*ids.shape, self.head_dim)
+        self.key_reps[rows_b, rows_h, ids] = reps.float()
 
     def write_scratch(self, k: Tensor, v: Tensor) -> None:
         """Write the current chunk into the scratch pages (the per-pass path): strided copies
