@@ -1,6 +1,7 @@
 """Table builders for `bench.kernel --selector`, so `select_overhead` is a measured number.
 
     python -m bench.kernel --selector bench.selectors:persistent_local
+    python -m bench.selectors --json out.json   # the selector against PBSA alone (fast)
 
 `persistent_local` lays the case's KV out as the runtime would — 32 persistent pages, then the
 window's history frames and the current chunk, each frame tiled into 13 pages of 128 — and
@@ -12,13 +13,15 @@ table. The per-chunk layout is memoised as in the runtime (built once, reused by
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from bench.kernel import KernelCase
+from bench.common import device_record, format_table, time_ms, write_json
+from bench.kernel import CASES, KernelCase, build_table
 from patterns import BlockScorer, CacheView, PersistentLocal, VideoGeometry, pool_query_blocks
 
 
@@ -74,3 +77,53 @@ def persistent_local(
         return pattern.select(dataclasses.replace(view, query_reps=reps))
 
     return select
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time the selector and the PBSA kernel (default launch config, contiguous KV) on the
+    same case, table and process: `select_overhead` = select ms / pbsa ms."""
+    import codegen
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="paper65k")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.selectors needs a CUDA device")
+        return 2
+    dev = torch.device("cuda")
+    records = []
+    for name in args.cases.split(","):
+        case = CASES[name]
+        g = torch.Generator(device=dev).manual_seed(0)
+        shape_q = (1, case.q_len, case.heads, case.head_dim)
+        shape_kv = (1, case.kv_tokens, case.heads, case.head_dim)
+        q = torch.randn(shape_q, device=dev, dtype=torch.bfloat16, generator=g)
+        k, v = (
+            torch.randn(shape_kv, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2)
+        )
+        for density in case.densities:
+            counts, idx = build_table(case, density, dev)
+            pbsa_ms = time_ms(
+                lambda args=(q, k, v, counts, idx): codegen.pbsa_attention(
+                    *args, q_block=128, page_size=128, return_lse=False
+                )
+            )
+            select = persistent_local(case, density, q, k)
+            select_ms = time_ms(select)
+            records.append(
+                dict(
+                    case=name,
+                    density=density,
+                    pbsa_ms=pbsa_ms,
+                    select_ms=select_ms,
+                    select_overhead=select_ms / pbsa_ms,
+                )
+            )
+    write_json(args.json, dict(device=device_record(), records=records))
+    print(format_table(records, list(records[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
