@@ -16,6 +16,7 @@ Implementations, each timed over the whole rollout of a horizon in one process:
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 import warnings
 from dataclasses import dataclass
@@ -59,15 +60,21 @@ def run_rollout(runner: ChunkRunner, config: WanConfig, context, chunks: int) ->
     """Time one whole rollout; memory peaks are measured from a reset allocator."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    _sync()
-    start = time.perf_counter()
-    generate(
-        runner, context, chunks,
-        latent_shape=(config.in_channels, config.latent_height, config.latent_width),
-        seed=0, progress=True,
-    )
-    _sync()
-    seconds = time.perf_counter() - start
+    # No cyclic-GC pauses inside the timed region, for every runner alike.
+    gc.collect()
+    gc.disable()
+    try:
+        _sync()
+        start = time.perf_counter()
+        generate(
+            runner, context, chunks,
+            latent_shape=(config.in_channels, config.latent_height, config.latent_width),
+            seed=0, progress=True,
+        )
+        _sync()
+        seconds = time.perf_counter() - start
+    finally:
+        gc.enable()
     return dict(
         seconds=seconds,
         seconds_per_chunk=seconds / chunks,
@@ -150,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--horizons", default="5s,20s,60s")
     parser.add_argument("--impls", default="dense,sparse,sparse_dense")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--fraction-horizons", default=None,
+                        help="horizons whose attention fraction is profiled (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -188,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             record = dict(horizon=name, impl=impl, chunks=horizon.chunks)
             record.update(run_rollout(runner, config, context, horizon.chunks))
             record["fps"] = horizon.pixel_frames / record["seconds"]
-            record["attention_fraction"] = attention_fraction(runner, config, context, horizon)
+            if args.fraction_horizons is None or name in args.fraction_horizons.split(","):
+                record["attention_fraction"] = attention_fraction(
+                    runner, config, context, horizon
+                )
             records.append(record)
             base = next((r for r in records if r["horizon"] == name and r["impl"] == "dense"),
                         None)
