@@ -28,7 +28,8 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))
+_default_profile = "gpu" if torch.cuda.is_available() else "ci"
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default_profile))
 
 # Tiny CPU shapes: thread fan-out costs more than it gains (10-30x slower with 2 threads).
 torch.set_num_threads(1)
