@@ -31,8 +31,15 @@ def _sync() -> None:
 
 def _chunk_inputs(config: WanConfig, context):
     frames = config.frames_per_chunk
-    x = torch.randn(1, config.in_channels, frames, config.latent_height, config.latent_width,
-                    device=context.device, dtype=context.dtype)
+    x = torch.randn(
+        1,
+        config.in_channels,
+        frames,
+        config.latent_height,
+        config.latent_width,
+        device=context.device,
+        dtype=context.dtype,
+    )
     return x, torch.full((1, frames), 500.0, device=context.device)
 
 
@@ -82,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     num_frames = (args.chunks + 1) * config.frames_per_chunk
     runners = {
         "dense": EagerRunner(model, self_forcing_cache(num_frames)),
-        "sparse_graph": sparsify(model, example_chunk(config, context), pattern,
-                                 geometry=geometry),
+        "sparse_graph": sparsify(model, example_chunk(config, context), pattern, geometry=geometry),
         "sparse_eager": StatefulRunner.for_reference_model(
             model, pattern, page_size=geometry.page_size, q_block=geometry.q_block
         ),
@@ -106,10 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             sparse(x, t, context, start, commit=False)
             _sync()
     averages = prof.key_averages()
-    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.top,
-                         max_name_column_width=60))
-    print(averages.table(sort_by="self_cuda_time_total", row_limit=args.top // 2,
-                         max_name_column_width=60))
+    print(
+        averages.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60)
+    )
+    print(
+        averages.table(
+            sort_by="self_cuda_time_total", row_limit=args.top // 2, max_name_column_width=60
+        )
+    )
     print(format_table(rows, list(rows[0])))
     return 0
 

@@ -67,9 +67,12 @@ def run_rollout(runner: ChunkRunner, config: WanConfig, context, chunks: int) ->
         _sync()
         start = time.perf_counter()
         generate(
-            runner, context, chunks,
+            runner,
+            context,
+            chunks,
             latent_shape=(config.in_channels, config.latent_height, config.latent_width),
-            seed=0, progress=True,
+            seed=0,
+            progress=True,
         )
         _sync()
         seconds = time.perf_counter() - start
@@ -157,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--horizons", default="5s,20s,60s")
     parser.add_argument("--impls", default="dense,sparse,sparse_dense")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--fraction-horizons", default=None,
-                        help="horizons whose attention fraction is profiled (default: all)")
+    parser.add_argument(
+        "--fraction-horizons",
+        default=None,
+        help="horizons whose attention fraction is profiled (default: all)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -180,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     sparse_runners = {
         impl: sparsify(model, example, patterns[impl], geometry=geometry)
-        for impl in impls if impl in patterns
+        for impl in impls
+        if impl in patterns
     }
 
     card = device_record()
@@ -198,12 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             record.update(run_rollout(runner, config, context, horizon.chunks))
             record["fps"] = horizon.pixel_frames / record["seconds"]
             if args.fraction_horizons is None or name in args.fraction_horizons.split(","):
-                record["attention_fraction"] = attention_fraction(
-                    runner, config, context, horizon
-                )
+                record["attention_fraction"] = attention_fraction(runner, config, context, horizon)
             records.append(record)
-            base = next((r for r in records if r["horizon"] == name and r["impl"] == "dense"),
-                        None)
+            base = next((r for r in records if r["horizon"] == name and r["impl"] == "dense"), None)
             if base is not None:
                 record["speedup"] = base["seconds"] / record["seconds"]
                 record["kv_reduction"] = 1.0 - record["peak_kv_bytes"] / base["peak_kv_bytes"]
@@ -211,8 +215,18 @@ def main(argv: list[str] | None = None) -> int:
             # after every record, so that a run cut short keeps what it measured
             write_json(args.json, dict(device=card, preset=args.preset, records=records))
 
-    columns = ["horizon", "impl", "seconds", "seconds_per_chunk", "fps", "peak_kv_bytes",
-               "peak_cuda_bytes", "attention_fraction", "speedup", "kv_reduction"]
+    columns = [
+        "horizon",
+        "impl",
+        "seconds",
+        "seconds_per_chunk",
+        "fps",
+        "peak_kv_bytes",
+        "peak_cuda_bytes",
+        "attention_fraction",
+        "speedup",
+        "kv_reduction",
+    ]
     print(format_table(records, columns))
     return 0
 

@@ -59,8 +59,9 @@ def block_map(state: AttentionState, q: Tensor) -> BlockMap:
         [
             torch.full((view.persistent_pages.shape[-1],), -1, dtype=torch.int64),
             torch.tensor(view.history_frames, dtype=torch.int64).repeat_interleave(ppf),
-            torch.arange(view.chunk_start, view.chunk_start + g.frames_per_chunk)
-            .repeat_interleave(ppf),
+            torch.arange(view.chunk_start, view.chunk_start + g.frames_per_chunk).repeat_interleave(
+                ppf
+            ),
         ]
     )
     return BlockMap(visible=visible.cpu(), column_frame=column_frame, chunk_start=view.chunk_start)

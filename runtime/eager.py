@@ -48,8 +48,13 @@ class _LayerSlot:
     def keys_values(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """History ∪ chunk for the chunk's k, v [B, Lc, Hkv, D] (views of the buffers)."""
         held, chunk = self.tokens, k.shape[1]
-        if self.k is None or self.k.shape[0] != k.shape[0] or self.k.shape[2:] != k.shape[2:] \
-                or self.k.dtype != k.dtype or self.k.device != k.device:
+        if (
+            self.k is None
+            or self.k.shape[0] != k.shape[0]
+            or self.k.shape[2:] != k.shape[2:]
+            or self.k.dtype != k.dtype
+            or self.k.device != k.device
+        ):
             shape = (k.shape[0], self._cache.capacity_tokens, *k.shape[2:])
             self.k = k.new_empty(shape)
             self.v = v.new_empty(shape)
@@ -286,9 +291,7 @@ class EagerRunner:
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
         device = torch.device(device)
-        self.cache.reset(
-            cfg.num_layers, cfg.tokens_per_frame, cfg.frames_per_chunk, num_frames
-        )
+        self.cache.reset(cfg.num_layers, cfg.tokens_per_frame, cfg.frames_per_chunk, num_frames)
         self._batch_size, self._device, self._dtype = batch_size, device, dtype
         self._num_frames = num_frames
         self._next_frame = 0

@@ -61,8 +61,13 @@ def example_chunk(config, context: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     config (a `runtime.WanConfig`), on the context's device, for `sparsify` to trace with."""
     device, dtype = context.device, context.dtype
     x = torch.randn(
-        context.shape[0], config.in_channels, config.frames_per_chunk,
-        config.latent_height, config.latent_width, device=device, dtype=dtype,
+        context.shape[0],
+        config.in_channels,
+        config.frames_per_chunk,
+        config.latent_height,
+        config.latent_width,
+        device=device,
+        dtype=dtype,
     )
     timestep = torch.full((context.shape[0], config.frames_per_chunk), 1000.0, device=device)
     return x, timestep, context, torch.tensor(0, device=device)

@@ -47,7 +47,9 @@ def _timed_rollout(runner, context: Tensor, config: WanConfig, chunks: int, seed
     sync()
     start = time.perf_counter()
     latents = generate(
-        runner, context, chunks,
+        runner,
+        context,
+        chunks,
         latent_shape=(config.in_channels, config.latent_height, config.latent_width),
         seed=seed,
     )
@@ -117,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
 
     dense_latents, dense_s = _timed_rollout(dense, context, config, args.chunks, args.seed)
     sparse_latents, sparse_s = _timed_rollout(sparse, context, config, args.chunks, args.seed)
-    diff = float((sparse_latents.float() - dense_latents.float()).norm()
-                 / dense_latents.float().norm())
+    diff = float(
+        (sparse_latents.float() - dense_latents.float()).norm() / dense_latents.float().norm()
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,8 +148,10 @@ def run(args: argparse.Namespace) -> int:
             f"{diff:.3f}",
         ),
     ]
-    print(f"\n{args.preset}: {args.chunks} chunks ({args.chunks * config.frames_per_chunk} "
-          f"latent frames) on {device}; pattern {pattern}")
+    print(
+        f"\n{args.preset}: {args.chunks} chunks ({args.chunks * config.frames_per_chunk} "
+        f"latent frames) on {device}; pattern {pattern}"
+    )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
