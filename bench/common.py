@@ -26,6 +26,12 @@ def device_record() -> dict:
     )
 
 
+def sync() -> None:
+    """Wait for the GPU (no-op without one): host clocks then measure finished work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> float:
     """Median milliseconds of fn on the GPU (triton.testing.do_bench, events, warm-up)."""
     import triton

@@ -17,16 +17,11 @@ import time
 
 import torch
 
-from bench.common import format_table
+from bench.common import format_table, sync
 from runtime import CausalWanModel, EagerRunner, StatefulRunner, WanConfig
 from runtime.eager import self_forcing_cache
 from sparsify import sparsify
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _chunk_inputs(config: WanConfig, context):
@@ -61,11 +56,11 @@ def time_passes(runner, config: WanConfig, context, chunks: int) -> dict:
     start = chunks * config.frames_per_chunk
     result = {}
     for name, commit in (("denoise", False), ("commit", True)):
-        _sync()
+        sync()
         begin = time.perf_counter()
         runner(x, t, context, start, commit=commit)
         host = time.perf_counter() - begin
-        _sync()
+        sync()
         result[f"{name}_ms"] = 1e3 * (time.perf_counter() - begin)
         result[f"{name}_host_ms"] = 1e3 * host
     return result
@@ -110,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         start = args.chunks * config.frames_per_chunk
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             sparse(x, t, context, start, commit=False)
-            _sync()
+            sync()
     averages = prof.key_averages()
     print(
         averages.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60)

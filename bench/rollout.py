@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import device_record, format_table, write_json
+from bench.common import device_record, format_table, sync, write_json
 from patterns import Dense
 from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forcing_cache
 from runtime.eager import SELF_FORCING_WINDOW_FRAMES
@@ -51,11 +51,6 @@ WARMUP_CHUNKS = SELF_FORCING_WINDOW_FRAMES // 3 + 1
 HORIZONS = {h.name: h for h in (Horizon("5s", 7), Horizon("20s", 27), Horizon("60s", 80))}
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def run_rollout(runner: ChunkRunner, config: WanConfig, context, chunks: int) -> dict:
     """Time one whole rollout; memory peaks are measured from a reset allocator."""
     if torch.cuda.is_available():
@@ -64,7 +59,7 @@ def run_rollout(runner: ChunkRunner, config: WanConfig, context, chunks: int) ->
     gc.collect()
     gc.disable()
     try:
-        _sync()
+        sync()
         start = time.perf_counter()
         generate(
             runner,
@@ -74,7 +69,7 @@ def run_rollout(runner: ChunkRunner, config: WanConfig, context, chunks: int) ->
             seed=0,
             progress=True,
         )
-        _sync()
+        sync()
         seconds = time.perf_counter() - start
     finally:
         gc.enable()

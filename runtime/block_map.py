@@ -27,11 +27,6 @@ class BlockMap:
     column_frame: Tensor
     chunk_start: int
 
-    @property
-    def density(self) -> float:
-        """Share of (query block, column) pairs computed."""
-        return float(self.visible.float().mean())
-
 
 def block_map(state: AttentionState, q: Tensor) -> BlockMap:
     """The table `state` builds for the chunk's queries q ``[B, Lc, H, D]`` (BLHD, the

@@ -15,8 +15,6 @@ smallest tile the kernels take, and a persistent memory of two frames.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -49,11 +47,6 @@ def default_pattern(geometry: VideoGeometry) -> PersistentLocal:
         window_frames=(HISTORY_CHUNKS + 1) * geometry.frames_per_chunk,
         local_density=LOCAL_DENSITY,
     )
-
-
-def local_topk(geometry: VideoGeometry, pattern: PersistentLocal) -> int:
-    """Window pages each query block selects (besides its own, forced frames)."""
-    return math.ceil(pattern.local_density * pattern.window_frames * geometry.pages_per_frame)
 
 
 def example_chunk(config, context: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
