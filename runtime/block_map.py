@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from patterns import pool_query_blocks
+from patterns.block_table import expand_heads
+from patterns.selection import columns
 from runtime.attention_state import AttentionState
 
 
@@ -35,28 +37,13 @@ def block_map(state: AttentionState, q: Tensor) -> BlockMap:
     query_reps = pool_query_blocks(q, g.q_block) if pattern.needs_scores else None
     view = state.view(query_reps)
     table = pattern.select(view)
-    b, hkv = view.batch, view.num_kv_heads
-    columns = torch.cat(
-        [
-            view.persistent_pages,
-            view.frame_pages.reshape(b, hkv, -1),
-            view.chunk_pages.reshape(b, hkv, -1),
-        ],
-        dim=-1,
-    )
-    group = state.num_heads // hkv
-    columns = columns.repeat_interleave(group, dim=1)  # [B, H, N] per query head
+    # the pattern's own candidate columns: persistent | history frames | current chunk
+    cols = columns(view)
+    ids = expand_heads(cols.ids, state.num_heads, "ids")  # [B, H, N] per query head
+    valid = expand_heads(cols.valid, state.num_heads, "valid")
     seen = table.visible_pages(view.page_lens.shape[-1])  # [B, H, Mq, NP]
-    index = columns[:, :, None, :].expand(-1, -1, seen.shape[2], -1)
-    visible = torch.gather(seen, 3, index.clamp_min(0)) & (index >= 0)
-    ppf = g.pages_per_frame
-    column_frame = torch.cat(
-        [
-            torch.full((view.persistent_pages.shape[-1],), -1, dtype=torch.int64),
-            torch.tensor(view.history_frames, dtype=torch.int64).repeat_interleave(ppf),
-            torch.arange(view.chunk_start, view.chunk_start + g.frames_per_chunk).repeat_interleave(
-                ppf
-            ),
-        ]
+    visible = torch.gather(seen, 3, ids[:, :, None, :].expand(-1, -1, seen.shape[2], -1))
+    visible &= valid[:, :, None, :]
+    return BlockMap(
+        visible=visible.cpu(), column_frame=cols.frame.cpu(), chunk_start=view.chunk_start
     )
-    return BlockMap(visible=visible.cpu(), column_frame=column_frame, chunk_start=view.chunk_start)
