@@ -75,17 +75,19 @@ def _kernel(spec: KernelSpec, interpret: bool):
 
 
 # Longest-first tile orders, keyed by the table tensor's identity and version. A stale entry
-# (a new tensor at a recycled address) can only cost speed: any order is a correct one.
+# (a new tensor at a recycled address) can only cost speed: any order of the same tiles is a
+# correct one.
 _schedules: dict[tuple, Tensor] = {}
 
 
 def _schedule(p: Problem, block_m: int) -> Tensor:
     """int32 [B·H·num_m_tiles]: tile ids (bh·num_m_tiles + m) by descending page count."""
     nb = p.kv_num_blocks
-    key = (nb.data_ptr(), nb._version, tuple(nb.shape), block_m)
+    num_tiles = triton.cdiv(p.q_len, block_m)  # the order's length: part of its identity
+    key = (nb.data_ptr(), nb._version, tuple(nb.shape), block_m, num_tiles)
     order = _schedules.get(key)
     if order is None:
-        tiles = torch.arange(triton.cdiv(p.q_len, block_m), device=nb.device)
+        tiles = torch.arange(num_tiles, device=nb.device)
         work = nb[:, :, (tiles * block_m) // p.q_block].reshape(-1)
         order = torch.argsort(work, descending=True).to(torch.int32)
         if len(_schedules) >= 16:
@@ -94,12 +96,12 @@ def _schedule(p: Problem, block_m: int) -> Tensor:
     return order
 
 
-def default_config(p: Problem, interpret: bool, return_lse: bool = True) -> LaunchConfig:
+def default_config(p: Problem, interpret: bool) -> LaunchConfig:
     if interpret:
         return LaunchConfig(block_m=min(64, p.q_block), num_warps=4, num_stages=1)
     from codegen.tuning import lookup
 
-    return lookup(p, return_lse) or LaunchConfig(
+    return lookup(p) or LaunchConfig(
         block_m=min(128, p.q_block), num_warps=8, num_stages=2, tma=supports_tma(p.q.device)
     )
 
@@ -140,7 +142,7 @@ def pbsa_triton(
     """Run the generated kernel. `out`/`lse` may be given (e.g. poisoned, by tests)."""
     if not interpret and not p.q.is_cuda:
         raise ValueError("backend='triton' needs CUDA tensors; use 'torch' or 'interpret'")
-    config = config or default_config(p, interpret, return_lse)
+    config = config or default_config(p, interpret)
     spec = spec_for(p, config, return_lse)
     kernel = _kernel(spec, interpret)
 

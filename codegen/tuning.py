@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import torch
 import triton
 from torch import Tensor
 
-from codegen.cache import cache_dir
+from codegen.cache import _atomic_write, cache_dir
 from codegen.launch import LaunchConfig, pbsa_triton, spec_for, supports_tma
 from codegen.problem import Problem, validate
 
@@ -32,9 +30,13 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def tuning_key(p: Problem, return_lse: bool = True) -> str:
-    """Identity of a tuning result: device, versions, kernel structure, shape bucket."""
-    base = spec_for(p, _PROBE, return_lse)
+def tuning_key(p: Problem) -> str:
+    """Identity of a tuning result: device, versions, kernel structure, shape bucket.
+
+    Whether the LSE is written is left out: it adds one store per row after the kv loop and
+    does not change which tiling wins, so a winner tuned with the LSE serves the runtime's
+    calls without it (and the other way round)."""
+    base = spec_for(p, _PROBE, return_lse=True)
     device = torch.cuda.get_device_name(p.q.device) if p.q.is_cuda else str(p.q.device)
     return json.dumps(
         dict(
@@ -63,22 +65,17 @@ def _load() -> dict[str, dict]:
 def _save(key: str, config: LaunchConfig, ms: float) -> None:
     records = _load()  # merge with what other processes wrote meanwhile
     records[key] = {**dataclasses.asdict(config), "ms": ms}
-    path = _store_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(records, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    _atomic_write(_store_path(), json.dumps(records, indent=1, sort_keys=True))
 
 
 _hits: dict[tuple, LaunchConfig | None] = {}
 
 
-def lookup(p: Problem, return_lse: bool = True) -> LaunchConfig | None:
+def lookup(p: Problem) -> LaunchConfig | None:
     """The persisted winner for this call's key, if any (read from disk once per process;
     memoised per structure and shape bucket, since this runs on every call)."""
     global _memory
-    spec = spec_for(p, _PROBE, return_lse)
+    spec = spec_for(p, _PROBE, return_lse=True)
     fast = (spec, p.q.device, _next_pow2(p.q_len), _next_pow2(p.max_blocks))
     if fast in _hits:
         return _hits[fast]
@@ -87,7 +84,7 @@ def lookup(p: Problem, return_lse: bool = True) -> LaunchConfig | None:
             k: LaunchConfig(**{f.name: v[f.name] for f in dataclasses.fields(LaunchConfig)})
             for k, v in _load().items()
         }
-    hit = _hits[fast] = _memory.get(tuning_key(p, return_lse))
+    hit = _hits[fast] = _memory.get(tuning_key(p))
     return hit
 
 
@@ -169,8 +166,8 @@ def autotune(
         from codegen.launch import default_config
 
         return default_config(p, interpret=True)
-    key = tuning_key(p, return_lse)
-    if not force and (hit := lookup(p, return_lse)) is not None:
+    key = tuning_key(p)
+    if not force and (hit := lookup(p)) is not None:
         return hit
     from tqdm.auto import tqdm
 

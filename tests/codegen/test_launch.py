@@ -114,3 +114,27 @@ def test_new_lengths_and_tables_reuse_the_compiled_kernel(tma):
             kernel = get_kernel(spec_for(p, config, True))
             sizes.append(sum(len(c[0]) for c in kernel.device_caches.values()))
         assert sizes[-1] == sizes[-len(shapes)], f"recompiled for new lengths: {sizes}"
+
+
+def test_schedule_of_one_table_follows_the_query_length():
+    """A table reused for a shorter chunk (same q blocks, fewer tiles) gets its own order."""
+    from codegen.launch import _schedule
+
+    args = random_inputs(
+        batch=1,
+        heads=2,
+        kv_heads=1,
+        q_len=100,
+        head_dim=16,
+        page_size=16,
+        q_block=128,
+        num_pages=3,
+        seed=2,
+        device=DEVICE,
+    )
+    long = problem_of(args)
+    short = problem_of({**args, "q": args["q"][:, :40]})
+    assert short.kv_num_blocks is long.kv_num_blocks
+    for p in (long, short, long):
+        order = _schedule(p, 32)
+        assert sorted(order.tolist()) == list(range(2 * -(-p.q_len // 32)))
