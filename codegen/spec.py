@@ -16,6 +16,9 @@ import torch
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+HEAD_DIMS = tuple(2**i for i in range(4, 9))  # the head dims the kernels take: 16 … 256
+
+
 def _pow2(x: int) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
 
@@ -60,9 +63,9 @@ class KernelSpec:
             value = getattr(self, name)
             if not _pow2(value) or value < 16:
                 raise ValueError(f"KernelSpec.{name}: expected a power of two >= 16, got {value!r}")
-        if not _pow2(self.head_dim) or not 16 <= self.head_dim <= 256:
+        if self.head_dim not in HEAD_DIMS:
             raise ValueError(
-                f"KernelSpec.head_dim: expected a power of two in 16..256, got {self.head_dim!r}"
+                f"KernelSpec.head_dim: expected one of {HEAD_DIMS}, got {self.head_dim!r}"
             )
         if self.page_size % self.block_n:
             raise ValueError(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
+from codegen.spec import HEAD_DIMS
 from sparsify.sites import AttentionSite, node_value, op_name, view_chain, written_input
 
 SELF, CROSS = "self", "cross"
@@ -130,9 +131,6 @@ def classify(site: AttentionSite, sites: list[AttentionSite], module: GraphModul
     return Verdict(by_flow, by_flow, by_path, conflict)
 
 
-SUPPORTED_HEAD_DIMS = tuple(2**i for i in range(4, 9))  # 16 … 256
-
-
 def keep_reason(site: AttentionSite, verdict: Verdict | None) -> str | None:
     """Why a site must stay dense whatever the pattern, or None when it can be rewritten.
 
@@ -153,8 +151,8 @@ def keep_reason(site: AttentionSite, verdict: Verdict | None) -> str | None:
     q, k = site.q_shape, site.k_shape
     if q[1] != k[1]:
         return f"self-attention with {k[1]} keys for {q[1]} queries (joint or cached attention)"
-    if q[3] not in SUPPORTED_HEAD_DIMS or site.v_shape[3] != q[3]:
-        return f"head_dim {q[3]} (v: {site.v_shape[3]}) is not one of {SUPPORTED_HEAD_DIMS}"
+    if q[3] not in HEAD_DIMS or site.v_shape[3] != q[3]:
+        return f"head_dim {q[3]} (v: {site.v_shape[3]}) is not one of {HEAD_DIMS}"
     if q[2] % k[2]:
         return f"{k[2]} kv heads do not divide {q[2]} query heads"
     scale = site.effective_scale()
