@@ -25,17 +25,9 @@ from sparsify.defaults import default_geometry, default_pattern, example_chunk
 
 
 def _chunk_inputs(config: WanConfig, context):
-    frames = config.frames_per_chunk
-    x = torch.randn(
-        1,
-        config.in_channels,
-        frames,
-        config.latent_height,
-        config.latent_width,
-        device=context.device,
-        dtype=context.dtype,
-    )
-    return x, torch.full((1, frames), 500.0, device=context.device)
+    """x and timestep of one chunk (random: only the cache's shape matters for time)."""
+    x, timestep, _, _ = example_chunk(config, context)
+    return x, timestep
 
 
 def roll(runner, config: WanConfig, context, chunks: int, extra: int = 1) -> None:

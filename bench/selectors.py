@@ -21,17 +21,16 @@ import torch
 from torch import Tensor
 
 from bench.common import device_record, format_table, time_ms, write_json
-from bench.kernel import CASES, KernelCase, build_table
-from patterns import BlockScorer, CacheView, PersistentLocal, VideoGeometry, pool_query_blocks
+from bench.kernel import CASES, PAGE, Q_BLOCK, KernelCase, build_table
+from patterns import BlockScorer, CacheView, PersistentLocal, pool_query_blocks
+from sparsify.defaults import default_geometry
 
 
 def persistent_local(
     case: KernelCase, density: float, q: Tensor, k: Tensor
 ) -> Callable[[], object]:
     """The default pattern's selection at this case's shape; q [1, Lq, H, D], k [1, Lk, H, D]."""
-    g = VideoGeometry(
-        tokens_per_frame=case.tokens_per_frame, frames_per_chunk=3, page_size=128, q_block=128
-    )
+    g = default_geometry(case.tokens_per_frame)
     persistent = case.persistent_tokens // g.page_size
     window_frames = round((case.kv_tokens - case.persistent_tokens) / case.tokens_per_frame)
     history = window_frames - g.frames_per_chunk
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             counts, idx = build_table(case, density, dev)
             pbsa_ms = time_ms(
                 lambda args=(q, k, v, counts, idx): codegen.pbsa_attention(
-                    *args, q_block=128, page_size=128, return_lse=False
+                    *args, q_block=Q_BLOCK, page_size=PAGE, return_lse=False
                 )
             )
             select = persistent_local(case, density, q, k)

@@ -67,12 +67,16 @@ class SparsifiedModule(nn.Module):
         super().__init__()
         self.graph_module = graph_module
         self.plan = plan
-        self.mode = plan.mode
         self.site_ids = dict(site_ids)  # plan row (site index) → id bound in sparsify.ops
         if isinstance(attention, AttentionRuntime):
             self.runner = StatefulRunner(self._chunk, attention)
         else:
             self.attention = attention
+
+    @property
+    def mode(self) -> str:
+        """ "cached" (an AR runner with a KV cache) or "full_sequence" (the plan's mode)."""
+        return self.plan.mode
 
     @property
     def runtime(self) -> AttentionRuntime:
