@@ -12,6 +12,7 @@ import os
 import torch
 from torch import Tensor
 
+from patterns import selection
 from patterns.scoring import block_attention_mass, query_block_rows
 
 __all__ = [
@@ -77,8 +78,8 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
     """Bool mask ``[..., N]`` of the ``k`` highest scores along the last dim (ties: any)."""
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= scores.shape[-1]:
         raise ValueError(f"k must be an int in [1, {scores.shape[-1]}] (key blocks), got {k!r}")
-    idx = scores.topk(k, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    every = torch.ones((), dtype=torch.bool, device=scores.device)
+    return selection.topk_mask(scores, every, k)
 
 
 def topk_recall(

@@ -44,7 +44,6 @@ class Columns:
     valid: Tensor
     frame: Tensor
     num_persistent: int
-    num_history: int
     num_chunk: int
 
 
@@ -83,9 +82,7 @@ def _columns(view: CacheView) -> Columns:
         ],
         dim=-1,
     )
-    return Columns(
-        ids, valid, frame, view.num_persistent_slots, hist_ids.shape[-1], chunk_ids.shape[-1]
-    )
+    return Columns(ids, valid, frame, view.num_persistent_slots, chunk_ids.shape[-1])
 
 
 @functools.lru_cache(maxsize=64)
