@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from patterns.checks import check_int
+
 __all__ = ["VideoGeometry", "token_block_frames"]
 
 
@@ -61,9 +63,7 @@ class VideoGeometry:
 
     def __post_init__(self) -> None:
         for name in ("tokens_per_frame", "frames_per_chunk", "page_size", "q_block"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"VideoGeometry.{name} must be a positive int, got {value!r}")
+            check_int(getattr(self, name), f"VideoGeometry.{name}")
         for name in ("page_size", "q_block"):
             if not _is_pow2(getattr(self, name)):
                 raise ValueError(

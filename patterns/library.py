@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from patterns.block_table import BlockTable, expand_heads
 from patterns.cache_view import CacheView
+from patterns.checks import check_int
 from patterns.footprint import Footprint, frames_per_chunk, pages_per_frame, t, window_history
 from patterns.geometry import VideoGeometry
 from patterns.selection import (
@@ -44,11 +45,6 @@ from patterns.selection import (
 )
 
 __all__ = ["Pattern", "Dense", "SinkWindow", "TopK", "PersistentLocal", "FullSequenceLayout"]
-
-
-def _check_int(value: object, name: str, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_fraction(value: object, name: str) -> None:
@@ -195,8 +191,8 @@ class Dense(Pattern):
 
     def __post_init__(self) -> None:
         if self.window_frames is not None:
-            _check_int(self.window_frames, "window_frames", 1)
-        _check_int(self.sink_frames, "sink_frames", 0)
+            check_int(self.window_frames, "window_frames", 1)
+        check_int(self.sink_frames, "sink_frames", 0)
 
     def select(self, view: CacheView) -> BlockTable:
         return _all_visible(view)
@@ -223,8 +219,8 @@ class SinkWindow(Pattern):
     window_frames: int
 
     def __post_init__(self) -> None:
-        _check_int(self.sink_frames, "sink_frames", 0)
-        _check_int(self.window_frames, "window_frames", 1)
+        check_int(self.sink_frames, "sink_frames", 0)
+        check_int(self.window_frames, "window_frames", 1)
 
     def select(self, view: CacheView) -> BlockTable:
         return _all_visible(view)
@@ -257,10 +253,10 @@ class TopK(Pattern):
     def __post_init__(self) -> None:
         _check_fraction(self.density, "density")
         _check_fraction(self.frame_density, "frame_density")
-        _check_int(self.sink_frames, "sink_frames", 0)
-        _check_int(self.nearest_frames, "nearest_frames", 0)
+        check_int(self.sink_frames, "sink_frames", 0)
+        check_int(self.nearest_frames, "nearest_frames", 0)
         if self.window_frames is not None:
-            _check_int(self.window_frames, "window_frames", 1)
+            check_int(self.window_frames, "window_frames", 1)
         if isinstance(self.beta, bool) or not isinstance(self.beta, int | float) or self.beta < 0:
             raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
 
@@ -343,18 +339,18 @@ class PersistentLocal(Pattern):
     radius_frames: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int(self.persistent_blocks, "persistent_blocks", 0)
-        _check_int(self.window_frames, "window_frames", 1)
+        check_int(self.persistent_blocks, "persistent_blocks", 0)
+        check_int(self.window_frames, "window_frames", 1)
         if self.local_topk is not None and self.local_density is not None:
             raise ValueError("pass local_topk or local_density, not both")
         if self.local_topk is not None:
-            _check_int(self.local_topk, "local_topk", 1)
+            check_int(self.local_topk, "local_topk", 1)
         if self.local_density is not None:
             _check_fraction(self.local_density, "local_density")
         if not isinstance(self.force_own_frame, bool):
             raise ValueError(f"force_own_frame must be a bool, got {self.force_own_frame!r}")
         if self.radius_frames is not None:
-            _check_int(self.radius_frames, "radius_frames", 0)
+            check_int(self.radius_frames, "radius_frames", 0)
 
     @property
     def persistent_capacity(self) -> int:

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from patterns.checks import check_int
+
 __all__ = [
     "BlockScorer",
     "pool_query_blocks",
@@ -52,11 +54,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _check_positive_int(value: int, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_tensor(x: Tensor, name: str, ndim: int, layout: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
@@ -70,7 +67,7 @@ def query_block_rows(
     num_rows: int, q_block: int, device: torch.device | str | None = None
 ) -> Tensor:
     """Valid rows per query block: int64 ``[ceil(num_rows / q_block)]`` (last block partial)."""
-    _check_positive_int(q_block, "q_block")
+    check_int(q_block, "q_block")
     num_blocks = -(-num_rows // q_block)
     starts = torch.arange(num_blocks, device=device) * q_block
     return (num_rows - starts).clamp(max=q_block)
@@ -102,7 +99,7 @@ def pool_query_blocks(q: Tensor, q_block: int) -> Tensor:
     over the block's valid rows (the last block may be partial), in float32 (float64 stays).
     """
     _check_tensor(q, "q", 4, "[B, Lq, H, D]")
-    _check_positive_int(q_block, "q_block")
+    check_int(q_block, "q_block")
     if q.shape[1] == 0:
         raise ValueError("q must have at least one query row (Lq > 0)")
     x = q.to(_compute_dtype(q.dtype))
@@ -170,9 +167,9 @@ def block_attention_mass(
     """
     _check_tensor(q, "q", 4, "[B, Lq, H, D]")
     _check_tensor(k, "k", 4, "[B, Lk, Hkv, D]")
-    _check_positive_int(q_block, "q_block")
-    _check_positive_int(kv_block, "kv_block")
-    _check_positive_int(max_chunk_elems, "max_chunk_elems")
+    check_int(q_block, "q_block")
+    check_int(kv_block, "kv_block")
+    check_int(max_chunk_elems, "max_chunk_elems")
     batch, lq, heads, dim = q.shape
     if k.shape[0] != batch or k.shape[3] != dim:
         raise ValueError(
@@ -219,9 +216,9 @@ class BlockScorer(nn.Module):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
-        _check_positive_int(num_heads, "num_heads")
-        _check_positive_int(num_kv_heads, "num_kv_heads")
-        _check_positive_int(head_dim, "head_dim")
+        check_int(num_heads, "num_heads")
+        check_int(num_kv_heads, "num_kv_heads")
+        check_int(head_dim, "head_dim")
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"

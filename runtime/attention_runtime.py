@@ -13,18 +13,13 @@ from torch import Tensor, nn
 
 from codegen.api import BACKENDS
 from patterns import Footprint, Pattern, VideoGeometry
+from patterns.checks import check_int
 from patterns.footprint import evaluate
 from runtime.attention_state import PHASES, AttentionState, RuntimeCursor
 from runtime.model import CausalWanModel
 from runtime.pool import PagePool
 
 __all__ = ["AttentionRuntime", "StatefulRunner", "bind_reference_model"]
-
-
-def _positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class AttentionRuntime(nn.Module):
@@ -61,7 +56,7 @@ class AttentionRuntime(nn.Module):
             ("num_kv_heads", num_kv_heads),
             ("head_dim", head_dim),
         ):
-            _positive_int(value, name)
+            check_int(value, name)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
         if backend not in BACKENDS:
@@ -117,8 +112,8 @@ class AttentionRuntime(nn.Module):
     ) -> None:
         """Empty the cache and size the pool for ``num_frames`` frames of ``batch_size``
         videos (moves the scorers to ``device``)."""
-        _positive_int(batch_size, "batch_size")
-        _positive_int(num_frames, "num_frames")
+        check_int(batch_size, "batch_size")
+        check_int(num_frames, "num_frames")
         f = self.geometry.frames_per_chunk
         if num_frames % f:
             raise ValueError(

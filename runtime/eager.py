@@ -18,6 +18,7 @@ import operator
 import torch
 from torch import Tensor
 
+from patterns.checks import check_int
 from runtime.model import CausalWanModel
 
 
@@ -280,9 +281,8 @@ class EagerRunner:
     def reset(self, batch_size: int, device, dtype: torch.dtype, num_frames: int) -> None:
         """Empty the cache for a rollout of `num_frames` frames of `batch_size` videos."""
         cfg = self.model.config
-        for name, value in (("batch_size", batch_size), ("num_frames", num_frames)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(batch_size, "batch_size")
+        check_int(num_frames, "num_frames")
         if num_frames % cfg.frames_per_chunk or num_frames > cfg.rope_positions:
             raise ValueError(
                 f"num_frames must be a multiple of frames_per_chunk={cfg.frames_per_chunk} "

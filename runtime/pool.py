@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from patterns import VideoGeometry, pool_key_blocks
+from patterns.checks import check_int
 
 __all__ = ["PagePool"]
 
@@ -50,8 +51,7 @@ class PagePool:
             ("head_dim", head_dim),
             ("num_pages", num_pages),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(value, name)
         if not isinstance(scratch_pages, int) or not 0 <= scratch_pages <= num_pages:
             raise ValueError(
                 f"scratch_pages must be an int in [0, {num_pages}], got {scratch_pages!r}"
@@ -145,8 +145,7 @@ class PagePool:
     def allocate(self, n: int) -> Tensor:
         """n free pages per (batch, kv head): int64 ``[B, Hkv, n]`` (lowest free ids,
         ascending). Raises RuntimeError, allocating nothing, when fewer than n are free."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        check_int(n, "n", minimum=0)
         if self.num_used + n > self.num_pages:
             raise RuntimeError(
                 f"page pool full: {n} pages requested, {self.num_pages - self.num_used} free of "

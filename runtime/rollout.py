@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from patterns.checks import check_int
+
 
 @runtime_checkable
 class ChunkRunner(Protocol):
@@ -58,10 +60,7 @@ class SelfForcingSchedule:
             raise ValueError(f"denoising_steps must be strictly decreasing, got {steps}")
         if not self.shift > 0:
             raise ValueError(f"shift must be positive, got {self.shift}")
-        if not isinstance(self.frames_per_chunk, int) or self.frames_per_chunk <= 0:
-            raise ValueError(
-                f"frames_per_chunk must be a positive int, got {self.frames_per_chunk!r}"
-            )
+        check_int(self.frames_per_chunk, "frames_per_chunk")
 
     @property
     def sigmas(self) -> tuple[float, ...]:
@@ -76,12 +75,6 @@ class SelfForcingSchedule:
     def timesteps(self) -> tuple[float, ...]:
         """Timestep fed to the model in each denoising pass (N·σ)."""
         return tuple(self.num_train_timesteps * sigma for sigma in self.sigmas)
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 @torch.no_grad()
@@ -107,13 +100,13 @@ def generate(
     schedule = SelfForcingSchedule() if schedule is None else schedule
     if not isinstance(schedule, SelfForcingSchedule):
         raise TypeError(f"schedule must be a SelfForcingSchedule, got {type(schedule).__name__}")
-    _positive_int("num_chunks", num_chunks)
-    _positive_int("batch_size", batch_size)
+    check_int(num_chunks, "num_chunks")
+    check_int(batch_size, "batch_size")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if len(tuple(latent_shape)) != 3:
         raise ValueError(f"latent_shape must be (C, H, W), got {latent_shape!r}")
-    channels, height, width = (_positive_int("latent_shape", d) for d in latent_shape)
+    channels, height, width = (check_int(d, "latent_shape") for d in latent_shape)
     if not isinstance(context, Tensor) or context.ndim != 3:
         raise ValueError("context must be a 3-D tensor [B, L_text, text_dim]")
     if context.shape[0] not in (1, batch_size):
