@@ -1,4 +1,4 @@
-"""Seeded random inputs and block tables: for tests, the autotuner and benchmarks."""
+"""Seeded random inputs and block tables for `pbsa_attention` (tests and examples)."""
 
 from __future__ import annotations
 
@@ -97,3 +97,14 @@ def random_inputs(
         )
         args.update(k=normal(*kv_shape), v=normal(*kv_shape))
     return args
+
+
+SMALL = dict(
+    batch=1, heads=2, kv_heads=1, q_len=40, head_dim=16, page_size=16, q_block=16, num_pages=3
+)
+
+
+def small_inputs(**overrides) -> dict:
+    """`random_inputs` of a small GQA case (2 query heads on 1 kv head, 40 queries, 3 pages
+    of 16), with any argument overridden."""
+    return random_inputs(**{**SMALL, **overrides})

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import codegen
 from codegen.reference import pbsa_reference
-from codegen.samples import random_inputs
+from codegen.samples import random_inputs, small_inputs
 
 # |out - ref| <= atol + rtol·|ref| per dtype: fp32 runs exact fp32 dots; half types round
 # the probabilities to the input dtype before P·V, so the error is a few input ulps.
@@ -68,18 +68,7 @@ def test_matches_oracle(backend, d):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_table_gives_zero_and_neg_inf(backend):
-    args = random_inputs(
-        batch=1,
-        heads=2,
-        kv_heads=1,
-        q_len=40,
-        head_dim=16,
-        page_size=16,
-        q_block=16,
-        num_pages=3,
-        seed=1,
-        device=DEVICE,
-    )
+    args = small_inputs(seed=1, device=DEVICE)
     args["kv_num_blocks"].zero_()
     args["kv_indices"].fill_(12345)  # padding is never read, whatever it holds
     out, lse = codegen.pbsa_attention(**args, backend=backend)
@@ -124,34 +113,14 @@ def test_full_table_equals_dense_sdpa():
     ],
 )
 def test_rejects_bad_arguments(change, error):
-    args = random_inputs(
-        batch=1,
-        heads=2,
-        kv_heads=1,
-        q_len=40,
-        head_dim=16,
-        page_size=16,
-        q_block=16,
-        num_pages=3,
-        seed=2,
-    )
+    args = small_inputs(seed=2)
     args.update(change)
     with pytest.raises((ValueError, TypeError), match=error):
         codegen.pbsa_attention(**args)
 
 
 def test_rejects_out_of_range_page_ids_on_torch_backend():
-    args = random_inputs(
-        batch=1,
-        heads=2,
-        kv_heads=1,
-        q_len=40,
-        head_dim=16,
-        page_size=16,
-        q_block=16,
-        num_pages=3,
-        seed=2,
-    )
+    args = small_inputs(seed=2)
     args["kv_num_blocks"].fill_(1)
     args["kv_indices"][..., 0] = 3
     with pytest.raises(ValueError, match="kv_indices"):

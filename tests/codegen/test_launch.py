@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from codegen.launch import LaunchConfig, pbsa_triton, supports_tma
 from codegen.problem import validate
 from codegen.reference import pbsa_reference
-from codegen.samples import random_inputs
+from codegen.samples import random_inputs, small_inputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -120,18 +120,7 @@ def test_schedule_of_one_table_follows_the_query_length():
     """A table reused for a shorter chunk (same q blocks, fewer tiles) gets its own order."""
     from codegen.launch import _schedule
 
-    args = random_inputs(
-        batch=1,
-        heads=2,
-        kv_heads=1,
-        q_len=100,
-        head_dim=16,
-        page_size=16,
-        q_block=128,
-        num_pages=3,
-        seed=2,
-        device=DEVICE,
-    )
+    args = small_inputs(q_len=100, q_block=128, seed=2, device=DEVICE)
     long = problem_of(args)
     short = problem_of({**args, "q": args["q"][:, :40]})
     assert short.kv_num_blocks is long.kv_num_blocks

@@ -6,7 +6,7 @@ import torch
 import codegen.tuning as at
 from codegen.launch import LaunchConfig
 from codegen.problem import validate
-from codegen.samples import random_inputs
+from codegen.samples import random_inputs, small_inputs
 
 
 def problem(q_len: int, num_pages: int = 4, **kw):
@@ -65,17 +65,7 @@ def test_key_names_device_versions_and_structure():
 
 def test_interpreter_gets_one_config_without_timing(monkeypatch):
     monkeypatch.setattr(at.triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed"))
-    args = random_inputs(
-        batch=1,
-        heads=2,
-        kv_heads=1,
-        q_len=40,
-        head_dim=16,
-        page_size=16,
-        q_block=32,
-        num_pages=3,
-        seed=1,
-    )
+    args = small_inputs(q_block=32, seed=1)
     config = at.autotune(**args)
     assert isinstance(config, LaunchConfig) and config.block_m <= 32
 
