@@ -25,10 +25,10 @@ SELF, CROSS = "self", "cross"
 
 @dataclass(frozen=True)
 class Verdict:
-    """kind: "self" or "cross"; `conflict` explains a disagreement with the module path."""
+    """kind: "self" or "cross", decided by data flow; `by_module_path` is what the module path
+    names (or None); `conflict` explains a disagreement between the two."""
 
     kind: str
-    by_data_flow: str
     by_module_path: str | None
     conflict: str | None = None
 
@@ -128,7 +128,7 @@ def classify(site: AttentionSite, sites: list[AttentionSite], module: GraphModul
             f"data flow says {by_flow}-attention but module path "
             f"{site.module_path!r} says {by_path}-attention"
         )
-    return Verdict(by_flow, by_flow, by_path, conflict)
+    return Verdict(by_flow, by_path, conflict)
 
 
 def keep_reason(site: AttentionSite, verdict: Verdict | None) -> str | None:

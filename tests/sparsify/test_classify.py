@@ -61,7 +61,7 @@ def test_unhinted_names_use_data_flow_only(two_stream, inputs):
 
 def test_disagreeing_module_path_keeps_the_site_dense(two_stream, inputs):
     sites, verdicts = _verdicts(two_stream("sdpa_positional", names=("cross", "self")), inputs())
-    assert [v.by_data_flow for v in verdicts] == [SELF, CROSS]
+    assert [v.kind for v in verdicts] == [SELF, CROSS]
     assert [v.by_module_path for v in verdicts] == [CROSS, SELF]
     for site, verdict in zip(sites, verdicts, strict=True):
         reason = keep_reason(site, verdict)
