@@ -8,10 +8,10 @@ window, whose last 3 frames are the current chunk. Each query block sees the per
 pages, its own frames' pages and a seeded random `density` fraction of the other window
 pages. SDPA, flex and pbsa read the same memory; pbsa is also timed on a paged pool.
 
-The block-table builder of the pattern library can be timed too (`select_overhead`): register
-a builder with `register_selector` or pass `--selector module:function`. A builder is called
-as `builder(case, density, q, k)` and returns a zero-argument callable that does the
-selection; with none registered `select_overhead` is null.
+The block-table builder of the pattern library can be timed too (`select_overhead`): pass
+`--selector module:function` (e.g. `bench.selectors:persistent_local`) or `selector=` to
+`run_case`. A builder is called as `builder(case, density, q, k)` and returns a zero-argument
+callable that does the selection; without one `select_overhead` is null.
 """
 
 from __future__ import annotations
@@ -59,12 +59,6 @@ CASES = {
 }
 
 Selector = Callable[[KernelCase, float, Tensor, Tensor], Callable[[], object]]
-SELECTORS: list[Selector] = []
-
-
-def register_selector(builder: Selector) -> None:
-    """Time `builder` as the block-table construction of each case (see module docstring)."""
-    SELECTORS.append(builder)
 
 
 def build_table(
@@ -170,7 +164,9 @@ def _record(case, density, impl, ms, computed, **extra) -> dict:
     )
 
 
-def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def run_case(
+    case: KernelCase, *, sweep: bool, seed: int = 0, selector: Selector | None = None
+) -> tuple[list[dict], list[dict]]:
     """Records of one case (all densities) and, with sweep, every candidate config's time."""
     from torch.nn.attention import sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
@@ -256,8 +252,8 @@ def run_case(case: KernelCase, *, sweep: bool, seed: int = 0) -> tuple[list[dict
                     )
         flex_best = min(flex_ms.values())
         select_ms = None
-        if SELECTORS:
-            select = SELECTORS[0](case, density, q, k)
+        if selector is not None:
+            select = selector(case, density, q, k)
             select_ms = time_ms(select)
         for impl, ms, extra in (
             ("flex", flex_best, dict(flex_all_ms=flex_ms)),
@@ -298,15 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench.kernel needs a CUDA device", file=sys.stderr)
         return 2
+    selector = None
     if args.selector:
         module, _, fn = args.selector.partition(":")
-        register_selector(getattr(importlib.import_module(module), fn))
+        selector = getattr(importlib.import_module(module), fn)
     records, sweep = [], []
     for name in args.cases.split(","):
-        r, s = run_case(CASES[name], sweep=args.sweep)
+        r, s = run_case(CASES[name], sweep=args.sweep, selector=selector)
         records += r
         sweep += s
-    write_json(args.json, dict(device=device_record(), records=records, sweep=sweep))
+    card = device_record()
+    write_json(args.json, dict(device=card, records=records, sweep=sweep))
     cols = [
         "case",
         "density",
@@ -319,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "ideal_speedup",
         "efficiency",
     ]
-    print(device_record())
+    print(card)
     print(format_table(records, cols))
     return 0
 
