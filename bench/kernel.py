@@ -164,6 +164,25 @@ def _record(case, density, impl, ms, computed, **extra) -> dict:
     )
 
 
+def case_tensors(case: KernelCase, device: torch.device, seed: int = 0) -> tuple[Tensor, ...]:
+    """Seeded bf16 inputs of a case: q [1, Lq, H, D] and k, v [1, Lk, H, D] (BLHD,
+    contiguous), and the same K/V as a paged pool [1, H, NP, 128, D] (zero tail) with its
+    page lengths int32 [1, H, NP]."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    b, h, d, lk = 1, case.heads, case.head_dim, case.kv_tokens
+    q = torch.randn(b, case.q_len, h, d, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(b, lk, h, d, device=device, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(b, lk, h, d, device=device, dtype=torch.bfloat16, generator=g)
+    pad = case.num_pages * PAGE - lk
+    k_pool, v_pool = (
+        F.pad(t.transpose(1, 2), (0, 0, 0, pad)).reshape(b, h, case.num_pages, PAGE, d).contiguous()
+        for t in (k, v)
+    )
+    page_lens = torch.full((b, h, case.num_pages), PAGE, dtype=torch.int32, device=device)
+    page_lens[..., -1] = lk - (case.num_pages - 1) * PAGE
+    return q, k, v, k_pool, v_pool, page_lens
+
+
 def run_case(
     case: KernelCase, *, sweep: bool, seed: int = 0, selector: Selector | None = None
 ) -> tuple[list[dict], list[dict]]:
@@ -177,18 +196,9 @@ def run_case(
     from codegen.tuning import autotune, candidate_configs
 
     dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(seed)
-    b, h, d, lq, lk = 1, case.heads, case.head_dim, case.q_len, case.kv_tokens
-    q = torch.randn(b, lq, h, d, device=dev, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(b, lk, h, d, device=dev, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(b, lk, h, d, device=dev, dtype=torch.bfloat16, generator=g)
+    q, k, v, k_pool, v_pool, page_lens = case_tensors(case, dev, seed)
+    lk = case.kv_tokens
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # BHLD views of the same memory
-    # Paged copy: [1, H, NP, 128, D] pool (zero tail) with page lengths.
-    pad = case.num_pages * PAGE - lk
-    k_pool = F.pad(kt, (0, 0, 0, pad)).reshape(b, h, case.num_pages, PAGE, d).contiguous()
-    v_pool = F.pad(vt, (0, 0, 0, pad)).reshape(b, h, case.num_pages, PAGE, d).contiguous()
-    page_lens = torch.full((b, h, case.num_pages), PAGE, dtype=torch.int32, device=dev)
-    page_lens[..., -1] = lk - (case.num_pages - 1) * PAGE
 
     records, sweep_rows = [], []
     sdpa_ms, dense_out = {}, None

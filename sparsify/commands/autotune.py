@@ -19,10 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    import torch.nn.functional as F
 
     from bench.common import format_table
-    from bench.kernel import CASES, PAGE, Q_BLOCK, build_table
+    from bench.kernel import CASES, PAGE, Q_BLOCK, build_table, case_tensors
     from codegen import autotune
     from codegen.cache import cache_dir
 
@@ -37,24 +36,12 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for name in names:
         case = CASES[name]
-        b, h, d, lk = 1, case.heads, case.head_dim, case.kv_tokens
-        q = torch.randn(b, case.q_len, h, d, device=dev, dtype=torch.bfloat16)
-        k = torch.randn(b, lk, h, d, device=dev, dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        pad = case.num_pages * PAGE - lk
-        pools = [
-            F.pad(t.transpose(1, 2), (0, 0, 0, pad))
-            .reshape(b, h, case.num_pages, PAGE, d)
-            .contiguous()
-            for t in (k, v)
-        ]
-        lens = torch.full((b, h, case.num_pages), PAGE, dtype=torch.int32, device=dev)
-        lens[..., -1] = lk - (case.num_pages - 1) * PAGE
+        q, k, v, k_pool, v_pool, lens = case_tensors(case, dev)
         for density in case.densities:
             counts, idx = build_table(case, density, dev)
             for mode, kv in (
                 ("contiguous", (k, v, counts, idx)),
-                ("paged", (*pools, counts, idx, lens)),
+                ("paged", (k_pool, v_pool, counts, idx, lens)),
             ):
                 config = autotune(q, *kv, q_block=Q_BLOCK, page_size=PAGE, force=args.force)
                 rows.append(dict(case=name, density=density, kv=mode, config=str(config)))
