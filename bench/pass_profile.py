@@ -1,27 +1,36 @@
 """Where a rollout's time goes, one pass at a time (a diagnostic beside `bench.rollout`).
 
     python -m bench.pass_profile [--preset wan2.1-1.3b] [--chunks 8] [--top 25]
+        [--runners dense,sparse_graph,...] [--profile sparse_graph]
 
-For the dense eager runner, `sparsify(model, default PersistentLocal)` and the same runtime
-bound into the eager model (`StatefulRunner.for_reference_model`, no captured graph), it
-rolls out `--chunks` chunks, then times one more chunk's denoising and commit passes: wall
-time with a device sync, and host time (how long the Python side takes to enqueue the pass,
-without a sync — when it is close to the wall time the pass is host-bound). Then it profiles
-one denoising pass of the sparse runner and prints the top operators by host and device time.
+Runners (`--runners`, any of `RUNNERS`): the dense eager runner, `sparsify(model, default
+PersistentLocal)` as captured (`sparse_graph`) and compiled (`sparse_compiled`), the same
+runtime bound into the eager model (`sparse_eager`, no captured graph) and `sparsify(model,
+Dense(21))` compiled (`sparse_dense_compiled`: what compiling alone gives). Each rolls out
+`--chunks` chunks, then times the next chunk's passes: wall time with a device sync, and host
+time (how long the Python side takes to enqueue the pass, without a sync — when it is close
+to the wall time the pass is host-bound); the median of the denoising passes, and the commit.
+Then it profiles one denoising pass of the `--profile` runner and prints the top operators by
+host and device time.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import statistics
 import time
 
 import torch
 
 from bench.common import format_table, sync
+from patterns import Dense
 from runtime import CausalWanModel, EagerRunner, StatefulRunner, WanConfig
-from runtime.eager import self_forcing_cache
+from runtime.eager import SELF_FORCING_WINDOW_FRAMES, self_forcing_cache
 from sparsify import sparsify
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
+
+RUNNERS = ("dense", "sparse_graph", "sparse_compiled", "sparse_eager", "sparse_dense_compiled")
 
 
 def _chunk_inputs(config: WanConfig, context):
@@ -42,20 +51,48 @@ def roll(runner, config: WanConfig, context, chunks: int, extra: int = 1) -> Non
 
 
 def time_passes(runner, config: WanConfig, context, chunks: int) -> dict:
-    """Roll out `chunks` chunks, then time one denoising and one commit pass of the next."""
+    """Roll out `chunks` chunks, then time the next chunk's 4 denoising passes (median) and
+    its commit pass, with the cyclic GC off."""
     roll(runner, config, context, chunks)
     x, t = _chunk_inputs(config, context)
     start = chunks * config.frames_per_chunk
+    times: dict[str, list[tuple[float, float]]] = {"denoise": [], "commit": []}
+    gc.collect()
+    gc.disable()
+    try:
+        for commit in (False, False, False, False, True):
+            sync()
+            begin = time.perf_counter()
+            runner(x, t, context, start, commit=commit)
+            host = time.perf_counter() - begin
+            sync()
+            wall = time.perf_counter() - begin
+            times["commit" if commit else "denoise"].append((wall, host))
+    finally:
+        gc.enable()
     result = {}
-    for name, commit in (("denoise", False), ("commit", True)):
-        sync()
-        begin = time.perf_counter()
-        runner(x, t, context, start, commit=commit)
-        host = time.perf_counter() - begin
-        sync()
-        result[f"{name}_ms"] = 1e3 * (time.perf_counter() - begin)
-        result[f"{name}_host_ms"] = 1e3 * host
+    for name, samples in times.items():
+        result[f"{name}_ms"] = 1e3 * statistics.median(w for w, _ in samples)
+        result[f"{name}_host_ms"] = 1e3 * statistics.median(h for _, h in samples)
     return result
+
+
+def build_runner(name: str, model: CausalWanModel, config: WanConfig, context, num_frames: int):
+    geometry = default_geometry(config.tokens_per_frame, config.frames_per_chunk)
+    pattern = default_pattern(geometry)
+    example = example_chunk(config, context)
+    if name == "dense":
+        return EagerRunner(model, self_forcing_cache(num_frames))
+    if name == "sparse_eager":
+        return StatefulRunner.for_reference_model(
+            model, pattern, page_size=geometry.page_size, q_block=geometry.q_block
+        )
+    if name == "sparse_dense_compiled":
+        pattern = Dense(window_frames=SELF_FORCING_WINDOW_FRAMES)
+    runner = sparsify(model, example, pattern, geometry=geometry)
+    if name.endswith("_compiled"):
+        runner.compile()
+    return runner
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="wan2.1-1.3b")
     parser.add_argument("--chunks", type=int, default=8, help="chunks rolled out before timing")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--runners", default="dense,sparse_graph,sparse_eager")
+    parser.add_argument("--profile", default="sparse_graph", help="runner to profile ('' for none)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,44 +110,39 @@ def main(argv: list[str] | None = None) -> int:
     config = WanConfig.preset(args.preset)
     model = CausalWanModel(config).to(device, dtype).eval()
     context = torch.randn(1, config.text_len, config.text_dim, device=device, dtype=dtype)
-    geometry = default_geometry(config.tokens_per_frame, config.frames_per_chunk)
-    pattern = default_pattern(geometry)
     num_frames = (args.chunks + 1) * config.frames_per_chunk
-    runners = {
-        "dense": EagerRunner(model, self_forcing_cache(num_frames)),
-        "sparse_graph": sparsify(model, example_chunk(config, context), pattern, geometry=geometry),
-        "sparse_eager": StatefulRunner.for_reference_model(
-            model, pattern, page_size=geometry.page_size, q_block=geometry.q_block
-        ),
-    }
-    rows = []
-    for name, runner in runners.items():
+    rows, runners = [], {}
+    for name in args.runners.split(","):
+        if name not in RUNNERS:
+            raise SystemExit(f"--runners: unknown {name!r}; expected some of {RUNNERS}")
+        runner = runners[name] = build_runner(name, model, config, context, num_frames)
         with torch.no_grad():
             time_passes(runner, config, context, args.chunks)  # warm-up
             rows.append(dict(runner=name, **time_passes(runner, config, context, args.chunks)))
         print(rows[-1], flush=True)
 
+    if args.profile:
+        profile_pass(runners[args.profile], config, context, args.chunks, args.top)
+    print(format_table(rows, list(rows[0])))
+    return 0
+
+
+def profile_pass(sparse, config: WanConfig, context, chunks: int, top: int) -> None:
+    """Print the top operators of one denoising pass by host and by device time."""
     from torch.profiler import ProfilerActivity, profile
 
-    sparse = runners["sparse_graph"]
     with torch.no_grad():
-        roll(sparse, config, context, args.chunks)
+        roll(sparse, config, context, chunks)
         x, t = _chunk_inputs(config, context)
-        start = args.chunks * config.frames_per_chunk
+        start = chunks * config.frames_per_chunk
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             sparse(x, t, context, start, commit=False)
             sync()
     averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
     print(
-        averages.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60)
+        averages.table(sort_by="self_cuda_time_total", row_limit=top // 2, max_name_column_width=60)
     )
-    print(
-        averages.table(
-            sort_by="self_cuda_time_total", row_limit=args.top // 2, max_name_column_width=60
-        )
-    )
-    print(format_table(rows, list(rows[0])))
-    return 0
 
 
 if __name__ == "__main__":

@@ -84,15 +84,19 @@ def _schedule(p: Problem, block_m: int) -> Tensor:
     """int32 [B·H·num_m_tiles]: tile ids (bh·num_m_tiles + m) by descending page count."""
     nb = p.kv_num_blocks
     num_tiles = triton.cdiv(p.q_len, block_m)  # the order's length: part of its identity
+    # Under CUDA-graph capture the order is part of the graph (recomputed at every replay):
+    # a memoised tensor could be freed while the graph still reads it.
+    capturing = nb.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (nb.data_ptr(), nb._version, tuple(nb.shape), block_m, num_tiles)
-    order = _schedules.get(key)
+    order = None if capturing else _schedules.get(key)
     if order is None:
         tiles = torch.arange(num_tiles, device=nb.device)
         work = nb[:, :, (tiles * block_m) // p.q_block].reshape(-1)
         order = torch.argsort(work, descending=True).to(torch.int32)
-        if len(_schedules) >= 16:
-            _schedules.clear()
-        _schedules[key] = order
+        if not capturing:
+            if len(_schedules) >= 16:
+                _schedules.clear()
+            _schedules[key] = order
     return order
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from patterns.geometry import VideoGeometry
@@ -39,6 +40,9 @@ class CacheView:
     query_reps: float ``[B, H, Mq, D]`` raw mean of each query block of the current chunk,
         or None for patterns that do not score.
     scorer: the layer's ``BlockScorer`` (None: an untrained one, i.e. raw pooled q·k).
+    start: int64 0-dim tensor on the cache's device equal to ``chunk_start``, or None. The
+        runtime gives it so that device work never bakes the chunk's position in: a CUDA
+        graph captured over one chunk's view then replays at a later chunk of the same shape.
     memo: per-chunk cache of ``cached`` (views made from one another by
         ``dataclasses.replace`` share it, so the runtime builds the layout once per chunk).
     """
@@ -55,6 +59,7 @@ class CacheView:
     key_reps: Tensor
     query_reps: Tensor | None = None
     scorer: nn.Module | None = None
+    start: Tensor | None = None
     memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +93,12 @@ class CacheView:
     @property
     def num_persistent_slots(self) -> int:
         return self.persistent_pages.shape[2]
+
+    def chunk_frames(self) -> Tensor:
+        """int64 ``[F]``: absolute frames of the current chunk, on the device (from ``start``
+        when given, so that no absolute frame is a constant of the work)."""
+        rel = torch.arange(self.geometry.frames_per_chunk, device=self.chunk_pages.device)
+        return rel + (self.chunk_start if self.start is None else self.start)
 
     @property
     def present_history(self) -> tuple[int, ...]:

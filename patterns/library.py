@@ -141,6 +141,11 @@ class Pattern(ABC):
         """
         return persistent, num_persistent, evicted
 
+    def persistent_after(self, num_persistent: int, num_evicted: int) -> int:
+        """How many persistent pages ``update_persistent`` keeps (a host count: the runtime
+        plans a commit before running it)."""
+        return num_persistent
+
     def full_sequence_visibility(
         self,
         layout: FullSequenceLayout,
@@ -284,7 +289,9 @@ class TopK(Pattern):
 
         cols = columns(view)
         frame_index = view.frame_index
-        scored_frame = (frame_index >= self.sink_frames) & (frame_index < nearest_from)
+        # the chunk's position from the device (see CacheView.start), not as a constant
+        nearest_from_t = view.chunk_frames()[0] - self.nearest_frames
+        scored_frame = (frame_index >= self.sink_frames) & (frame_index < nearest_from_t)
         scored_col = torch.nn.functional.pad(
             scored_frame.repeat_interleave(ppf), (cols.num_persistent, cols.num_chunk)
         )  # [N]: only history columns are ever scored
@@ -449,6 +456,11 @@ class PersistentLocal(Pattern):
             query_reps,
             scorer,
         )
+
+    def persistent_after(self, num_persistent: int, num_evicted: int) -> int:
+        if self.persistent_blocks == 0:
+            return num_persistent
+        return min(self.persistent_blocks, num_persistent + num_evicted)
 
     def full_sequence_visibility(
         self,

@@ -69,9 +69,7 @@ def _columns(view: CacheView) -> Columns:
     chunk_ids = view.chunk_pages.reshape(b, hkv, -1)
     ids = torch.cat([view.persistent_pages.clamp(min=0), hist_ids, chunk_ids], dim=-1)
     hist_frame = view.frame_index.repeat_interleave(ppf)
-    chunk_frame = torch.arange(
-        view.chunk_start, view.chunk_start + g.frames_per_chunk, device=device
-    ).repeat_interleave(ppf)
+    chunk_frame = view.chunk_frames().repeat_interleave(ppf)
     persist_frame = torch.full((view.num_persistent_slots,), -1, device=device)
     frame = torch.cat([persist_frame, hist_frame, chunk_frame])
     valid = torch.cat(
@@ -96,7 +94,7 @@ def own_frame_mask(view: CacheView) -> Tensor:
 
     def build() -> Tensor:
         frame = columns(view).frame
-        q_frames = _q_block_frames(view.geometry, frame.device) + view.chunk_start
+        q_frames = _q_block_frames(view.geometry, frame.device) + view.chunk_frames()[0]
         return (frame >= q_frames[:, :1]) & (frame <= q_frames[:, 1:])
 
     return view.cached("own_frames", build)

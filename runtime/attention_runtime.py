@@ -16,6 +16,7 @@ from patterns import Footprint, Pattern, VideoGeometry
 from patterns.checks import check_int
 from patterns.footprint import evaluate
 from runtime.attention_state import PHASES, AttentionState, RuntimeCursor
+from runtime.graphs import PassGraphs
 from runtime.model import CausalWanModel
 from runtime.pool import PagePool
 
@@ -141,6 +142,7 @@ class AttentionRuntime(nn.Module):
         )
         self.to(device)
         self._cursor.pool, self._cursor.phase = pool, None
+        self._cursor.start = torch.zeros((), dtype=torch.int64, device=device)
         for state in self.states:
             state.reset(pool, history)
         self._num_frames, self._committed, self._broken = num_frames, 0, False
@@ -162,6 +164,7 @@ class AttentionRuntime(nn.Module):
         if start + self.geometry.frames_per_chunk > self._num_frames:
             raise ValueError(f"start_frame={start} runs past num_frames={self._num_frames}")
         self._cursor.chunk_start = start
+        self._cursor.start.fill_(start)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -201,6 +204,30 @@ class AttentionRuntime(nn.Module):
         with self.phase("commit" if commit else "denoise"):
             yield
 
+    @property
+    def start(self) -> Tensor:
+        """int64 0-dim device tensor: the current chunk's first frame (see ``RuntimeCursor``)."""
+        if self._cursor.start is None:
+            raise RuntimeError("AttentionRuntime.reset(...) must be called first")
+        return self._cursor.start
+
+    @property
+    def debug(self) -> bool:
+        return self._cursor.debug
+
+    def signature(self) -> tuple:
+        """Every layer's ``AttentionState.signature()`` (see ``runtime.graphs``)."""
+        return tuple(state.signature() for state in self.states)
+
+    def invalidate_layouts(self) -> None:
+        for state in self.states:
+            state.invalidate_layout()
+
+    def replay_commit(self) -> None:
+        """The host side of every layer's commit (after a CUDA graph replayed the pass)."""
+        for state in self.states:
+            state.replay_commit()
+
     def extra_repr(self) -> str:
         return f"pattern={self.pattern}, geometry={self.geometry}, backend={self.backend!r}"
 
@@ -208,10 +235,23 @@ class AttentionRuntime(nn.Module):
 class StatefulRunner(nn.Module):
     """A ``ChunkRunner`` for any chunk-form callable whose self-attentions are the runtime's
     states: ``chunk_fn(x, timestep, context, start_frame) -> flow`` runs inside
-    ``attention_runtime.chunk_pass(start_frame, commit)``."""
+    ``attention_runtime.chunk_pass(start_frame, commit)``.
 
-    def __init__(self, chunk_fn: Callable[..., Tensor], attention_runtime: AttentionRuntime):
+    cuda_graphs: on a CUDA device (and not in debug mode), replay passes as CUDA graphs
+        (``runtime.graphs.PassGraphs``); ``chunk_fn`` then gets ``start_frame`` as the
+        runtime's 0-dim device tensor, and must accept it. A replay runs no Python inside the
+        model: checks there (e.g. of the RoPE range) run only in the key's first, eager pass.
+    """
+
+    def __init__(
+        self,
+        chunk_fn: Callable[..., Tensor],
+        attention_runtime: AttentionRuntime,
+        cuda_graphs: bool = True,
+    ):
         super().__init__()
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         if not callable(chunk_fn):
             raise TypeError(f"chunk_fn must be callable, got {type(chunk_fn).__name__}")
         if not isinstance(attention_runtime, AttentionRuntime):
@@ -221,6 +261,8 @@ class StatefulRunner(nn.Module):
             )
         self.chunk_fn = chunk_fn
         self.runtime = attention_runtime
+        self.cuda_graphs = cuda_graphs
+        self.graphs = PassGraphs()
 
     @property
     def current_kv_bytes(self) -> int:
@@ -233,13 +275,29 @@ class StatefulRunner(nn.Module):
     def reset(
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype, num_frames: int
     ) -> None:
+        self.graphs.clear()
         self.runtime.reset(batch_size, device, dtype, num_frames)
 
     def forward(
         self, x: Tensor, timestep: Tensor, context: Tensor, start_frame: int, commit: bool
     ) -> Tensor:
-        with self.runtime.chunk_pass(start_frame, commit):
-            return self.chunk_fn(x, timestep, context, start_frame)
+        runtime = self.runtime
+        with runtime.chunk_pass(start_frame, commit):
+            graphed = (
+                self.cuda_graphs
+                and all(isinstance(t, Tensor) for t in (x, timestep, context))
+                and x.is_cuda
+                and not runtime.debug
+            )
+            if not graphed:
+                return self.chunk_fn(x, timestep, context, start_frame)
+            return self.graphs.run(
+                (commit, runtime.signature()),
+                lambda *inputs: self.chunk_fn(*inputs, runtime.start),
+                (x, timestep, context),
+                before_capture=runtime.invalidate_layouts,
+                after_replay=runtime.replay_commit if commit else lambda: None,
+            )
 
     @classmethod
     def for_reference_model(
@@ -251,6 +309,7 @@ class StatefulRunner(nn.Module):
         q_block: int = 128,
         backend: str = "auto",
         debug: bool = False,
+        cuda_graphs: bool = True,
     ) -> StatefulRunner:
         """A runner of a copy of the reference model with its self-attention on the runtime
         (the model itself is left untouched)."""
@@ -268,7 +327,7 @@ class StatefulRunner(nn.Module):
             backend,
             debug,
         )
-        return cls(bind_reference_model(model, runtime), runtime)
+        return cls(bind_reference_model(model, runtime), runtime, cuda_graphs)
 
 
 def bind_reference_model(model: CausalWanModel, runtime: AttentionRuntime) -> CausalWanModel:

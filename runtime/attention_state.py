@@ -29,15 +29,41 @@ class RuntimeCursor:
     """Where the rollout is, shared (by reference) between a runtime and its states.
 
     pool: the page pool (None before ``reset``); phase: None outside a pass, else one of
-    ``PHASES``; chunk_start: first frame of the current chunk; backend: the kernel backend;
-    debug: validate every block table and every freed page (syncs with the device).
+    ``PHASES``; chunk_start: first frame of the current chunk; start: the same as an int64
+    0-dim tensor on the pool's device (device work reads it, so a CUDA graph of a pass
+    replays at any chunk); backend: the kernel backend; debug: validate every block table
+    and every freed page (syncs with the device).
     """
 
     pool: PagePool | None = None
     phase: str | None = None
     chunk_start: int = 0
+    start: Tensor | None = None
     backend: str = "auto"
     debug: bool = False
+
+
+@dataclass(frozen=True)
+class CommitPlan:
+    """The host side of one layer's commit: which frames stay, and page counts per row.
+
+    keep_old / evict_old: positions in the history; keep_new / evict_new: positions in the
+    chunk; frames: the history afterwards (absolute frames); transient: pages allocated for
+    chunk frames that leave the window at once (they compete for persistence); evicted:
+    pages offered to the persistent set; kept: persistent pages afterwards; freed: pages
+    returned to the pool; new: pages allocated for the chunk's kept frames.
+    """
+
+    keep_old: list[int]
+    evict_old: list[int]
+    keep_new: list[int]
+    evict_new: list[int]
+    frames: list[int]
+    transient: int
+    evicted: int
+    kept: int
+    freed: int
+    new: int
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:
@@ -81,9 +107,11 @@ class AttentionState(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scorer = BlockScorer(num_heads, num_kv_heads, head_dim)
         self._cursor = cursor
+        # Device state lives in buffers allocated by ``reset`` and only ever updated in place:
+        # a CUDA graph captured over one chunk reads them at fixed addresses.
         self._frames: list[int] = []
         self._frame_pages: Tensor | None = None  # int64 [B, Hkv, capacity, ppf]
-        self._frame_index: Tensor | None = None  # int64 [len(_frames)]
+        self._frame_index_buffer: Tensor | None = None  # int64 [capacity]
         self._persistent: Tensor | None = None  # int64 [B, Hkv, C], valid first, -1 after
         self._num_persistent = 0
         self._committed = 0  # frames this layer has committed
@@ -123,11 +151,32 @@ class AttentionState(nn.Module):
         self._frame_pages = torch.zeros(
             b, hkv, max_history_frames, ppf, dtype=torch.int64, device=device
         )
-        self._frame_index = torch.zeros(0, dtype=torch.int64, device=device)
+        self._frame_index_buffer = torch.zeros(max_history_frames, dtype=torch.int64, device=device)
         capacity = self.pattern.persistent_capacity
         self._persistent = torch.full((b, hkv, capacity), -1, dtype=torch.int64, device=device)
         self._num_persistent = 0
         self._committed = 0
+        self._layout = None
+
+    @property
+    def _frame_index(self) -> Tensor:
+        """int64 ``[len(frames)]``: the history's absolute frames, on the device."""
+        return self._frame_index_buffer[: len(self._frames)]
+
+    def signature(self) -> tuple:
+        """What the device work of a pass depends on besides buffer contents: the history
+        relative to the current chunk and the counts (equal signatures: a CUDA graph of one
+        pass replays the other)."""
+        start = self._cursor.chunk_start
+        return (
+            tuple(f - start for f in self._frames),
+            self._num_persistent,
+            self._committed - start,
+        )
+
+    def invalidate_layout(self) -> None:
+        """Drop this chunk's layout memo: the next pass rebuilds it (inside a graph capture,
+        so that the graph recomputes it on every replay)."""
         self._layout = None
 
     def _require_pool(self) -> PagePool:
@@ -188,6 +237,7 @@ class AttentionState(nn.Module):
                 page_lens=pool.page_lens,
                 key_reps=pool.key_reps,
                 scorer=self.scorer,
+                start=self._cursor.start,
             )
         # a shallow copy shares the memo and skips __post_init__'s checks, which the layout
         # passed once this chunk (dataclasses.replace would re-run them on every pass)
@@ -224,11 +274,9 @@ class AttentionState(nn.Module):
 
     # -- commit -----------------------------------------------------------------------------
 
-    def _commit(self, pool: PagePool, query_reps: Tensor | None) -> None:
-        """Move the chunk from scratch into the cache; evict; update the persistent set."""
+    def _commit_plan(self, pool: PagePool) -> CommitPlan:
         g = self.geometry
         f, ppf = g.frames_per_chunk, g.pages_per_frame
-        b, hkv = pool.batch_size, pool.num_kv_heads
         start = self._cursor.chunk_start
         chunk = list(range(start, start + f))
         retained = set(self.pattern.retained_frames(start + f, f))
@@ -236,17 +284,43 @@ class AttentionState(nn.Module):
         evict_old = [i for i, fr in enumerate(self._frames) if fr not in retained]
         keep_new = [j for j, fr in enumerate(chunk) if fr in retained]
         evict_new = [j for j, fr in enumerate(chunk) if fr not in retained]
+        # chunk frames leaving the window at once need real pages to compete for P
+        transient = len(evict_new) * ppf if self.pattern.persistent_capacity else 0
+        evicted = len(evict_old) * ppf + transient
+        kept = self._num_persistent
+        freed = 0
+        if evicted:
+            kept = self.pattern.persistent_after(self._num_persistent, evicted)
+            freed = self._num_persistent + evicted - kept
+        return CommitPlan(
+            keep_old,
+            evict_old,
+            keep_new,
+            evict_new,
+            frames=[self._frames[i] for i in keep_old] + [chunk[j] for j in keep_new],
+            transient=transient,
+            evicted=evicted,
+            kept=kept,
+            freed=freed,
+            new=len(keep_new) * ppf,
+        )
+
+    def _commit(self, pool: PagePool, query_reps: Tensor | None) -> None:
+        """Move the chunk from scratch into the cache; evict; update the persistent set."""
+        plan = self._commit_plan(pool)
+        g = self.geometry
+        f, ppf = g.frames_per_chunk, g.pages_per_frame
+        b, hkv = pool.batch_size, pool.num_kv_heads
         scratch = pool.scratch_ids.view(b, hkv, f, ppf)
         history = self._frame_pages[:, :, : len(self._frames)]
 
-        evicted = [_take(history, 2, evict_old).reshape(b, hkv, -1)]
-        if self.pattern.persistent_capacity and evict_new:
-            # chunk frames leaving the window at once need real pages to compete for P
-            ids = pool.allocate(len(evict_new) * ppf)
-            pool.copy(_take(scratch, 2, evict_new).reshape(b, hkv, -1), ids)
+        evicted = [_take(history, 2, plan.evict_old).reshape(b, hkv, -1)]
+        if plan.transient:
+            ids = pool.allocate(plan.transient)
+            pool.copy(_take(scratch, 2, plan.evict_new).reshape(b, hkv, -1), ids)
             evicted.append(ids)
         evicted_ids = torch.cat(evicted, dim=-1)
-        if evicted_ids.shape[-1]:
+        if plan.evicted:
             persistent, kept, freed = self.pattern.update_persistent(
                 self._persistent,
                 self._num_persistent,
@@ -255,22 +329,44 @@ class AttentionState(nn.Module):
                 query_reps,
                 self.scorer,
             )
-            if freed.shape[-1]:
+            if (kept, freed.shape[-1]) != (plan.kept, plan.freed):
+                raise RuntimeError(
+                    f"{type(self.pattern).__name__}.update_persistent kept {kept} and freed "
+                    f"{freed.shape[-1]} pages; persistent_after planned {plan.kept} and "
+                    f"{plan.freed}"
+                )
+            if plan.freed:
                 pool.free(freed)
-            self._persistent, self._num_persistent = persistent, kept
+            if persistent is not self._persistent:
+                self._persistent.copy_(persistent)
 
-        new_pages = pool.allocate(len(keep_new) * ppf)
-        if keep_new:
-            pool.copy(_take(scratch, 2, keep_new).reshape(b, hkv, -1), new_pages)
-        kept_history = _take(history, 2, keep_old)
-        frames = [self._frames[i] for i in keep_old] + [chunk[j] for j in keep_new]
-        self._frame_pages[:, :, : len(frames)] = torch.cat(
-            [kept_history, new_pages.view(b, hkv, len(keep_new), ppf)], dim=2
+        new_pages = pool.allocate(plan.new)
+        if plan.keep_new:
+            pool.copy(_take(scratch, 2, plan.keep_new).reshape(b, hkv, -1), new_pages)
+        kept_history = _take(history, 2, plan.keep_old)
+        n = len(plan.frames)
+        self._frame_pages[:, :, :n] = torch.cat(
+            [kept_history, new_pages.view(b, hkv, len(plan.keep_new), ppf)], dim=2
         )
-        self._frames = frames
-        self._frame_index = torch.cat(
-            [torch.arange(a, z, device=pool.device) for a, z in _runs(frames)]
-            or [self._frame_index[:0]]
+        chunk_frames = self._cursor.start + torch.arange(f, device=pool.device)
+        self._frame_index_buffer[:n] = torch.cat(
+            [_take(self._frame_index, 0, plan.keep_old), _take(chunk_frames, 0, plan.keep_new)]
         )
-        self._committed = start + f
+        self._finish_commit(plan)
+
+    def _finish_commit(self, plan: CommitPlan) -> None:
+        self._frames = plan.frames
+        self._num_persistent = plan.kept
+        self._committed = self._cursor.chunk_start + self.geometry.frames_per_chunk
         self._layout = None
+
+    def replay_commit(self) -> None:
+        """The host side of ``_commit`` alone, for a commit pass whose device work a CUDA
+        graph replayed: the pool's counts (in the order the device work allocates and frees)
+        and this layer's frames and counts."""
+        pool = self._require_pool()
+        plan = self._commit_plan(pool)
+        pool.reserve(plan.transient)
+        pool.release(plan.freed)
+        pool.reserve(plan.new)
+        self._finish_commit(plan)

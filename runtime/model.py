@@ -256,7 +256,12 @@ def sinusoidal_embedding(timestep: Tensor, dim: int) -> Tensor:
 
 
 def _is_tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    """Under compile, export or CUDA-graph capture, where tensor values cannot be read."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    )
 
 
 class CausalWanModel(nn.Module):
@@ -350,7 +355,7 @@ class CausalWanModel(nn.Module):
                     f"{tuple(start_frame.shape)} and dtype {start_frame.dtype}"
                 )
             # A tensor start_frame is a runtime input under capture: check its value only
-            # in eager mode, where reading it is allowed.
+            # in eager mode, where reading it is allowed (a CUDA-graph replay checks nothing).
             if not _is_tracing() and not 0 <= int(start_frame) <= cfg.rope_positions - frames:
                 raise ValueError(
                     f"start_frame={int(start_frame)} with {frames} frames does not fit the "

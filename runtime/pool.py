@@ -142,20 +142,33 @@ class PagePool:
 
     # -- free list --------------------------------------------------------------------------
 
-    def allocate(self, n: int) -> Tensor:
-        """n free pages per (batch, kv head): int64 ``[B, Hkv, n]`` (lowest free ids,
-        ascending). Raises RuntimeError, allocating nothing, when fewer than n are free."""
+    def reserve(self, n: int) -> None:
+        """The host side of ``allocate``: count n more used pages per row. Raises
+        RuntimeError, counting nothing, when fewer than n are free. (A CUDA-graph replay of a
+        commit redoes the device side; the runtime then calls this alone.)"""
         check_int(n, "n", minimum=0)
         if self.num_used + n > self.num_pages:
             raise RuntimeError(
                 f"page pool full: {n} pages requested, {self.num_pages - self.num_used} free of "
                 f"{self.num_pages} (the pool is sized from the pattern's footprint; it never grows)"
             )
+        self.num_used += n
+        self.peak_used = max(self.peak_used, self.num_used)
+
+    def release(self, n: int) -> None:
+        """The host side of ``free``: count n fewer used pages per row."""
+        check_int(n, "n", minimum=0)
+        if n > self.num_used - self.scratch_pages:
+            raise RuntimeError(f"release({n}): only {self.num_used - self.scratch_pages} in use")
+        self.num_used -= n
+
+    def allocate(self, n: int) -> Tensor:
+        """n free pages per (batch, kv head): int64 ``[B, Hkv, n]`` (lowest free ids,
+        ascending). Raises RuntimeError, allocating nothing, when fewer than n are free."""
+        self.reserve(n)
         # a stable sort puts the free pages (False) first, in id order
         ids = torch.sort(self.used.to(torch.int8), dim=-1, stable=True).indices[..., :n]
         self.used.scatter_(-1, ids, True)
-        self.num_used += n
-        self.peak_used = max(self.peak_used, self.num_used)
         return ids
 
     def _check_ids(self, ids: Tensor, name: str) -> None:
@@ -185,9 +198,9 @@ class PagePool:
                     "ids: every page must be an allocated, non-scratch page listed once per row "
                     "(double free?)"
                 )
+        self.release(n)
         self.used.scatter_(-1, ids, False)
         self.page_lens.scatter_(-1, ids, 0)
-        self.num_used -= n
 
     # -- contents ---------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from sparsify.rewrite import rebind, rewrite
 from sparsify.sites import AttentionSite
 
 MODES = ("cached", "full_sequence")
-OPTIONS = ("mode", "page_size", "q_block", "debug", "capture_methods")
+OPTIONS = ("mode", "page_size", "q_block", "debug", "capture_methods", "cuda_graphs")
 FORMS = (
     "scaled_dot_product_attention (any spelling)",
     "flex_attention",
@@ -242,7 +242,8 @@ def sparsify(
         CPU).
     options: ``mode`` ("cached" | "full_sequence"), ``page_size``/``q_block`` (when the
         geometry is derived from the model; default `sparsify.defaults.default_geometry`'s),
-        ``debug`` (validate block tables),
+        ``debug`` (validate block tables), ``cuda_graphs`` (cached mode on CUDA: replay
+        passes as CUDA graphs, default True; see `runtime.graphs`),
         ``capture_methods`` (subset of `sparsify.capture.CAPTURE_METHODS`, in order).
 
     The graph is specialised to the example inputs' shapes, dtype and device (batch size,
@@ -268,6 +269,9 @@ def sparsify(
     debug = options.get("debug", False)
     if not isinstance(debug, bool):
         raise TypeError(f"debug: expected a bool, got {type(debug).__name__}")
+    cuda_graphs = options.get("cuda_graphs", True)
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs: expected a bool, got {type(cuda_graphs).__name__}")
     args, kwargs = _split_inputs(example_inputs)
     if mode == "cached" and (kwargs or len(args) != 4):
         raise ValueError(
@@ -302,7 +306,10 @@ def sparsify(
         sites, verdicts, reasons, mode, geometry, _backend_label(backend, args, kwargs)
     )
     plan = Plan(rows, captured.method, mode, str(pattern), str(geometry), captured.failures)
-    return SparsifiedModule(graph_module, plan, attention, site_ids)
+    module = SparsifiedModule(graph_module, plan, attention, site_ids)
+    if mode == "cached":
+        module.runner.cuda_graphs = cuda_graphs
+    return module
 
 
 def _attention(

@@ -1,0 +1,117 @@
+"""`PassGraphs`: CUDA-graph replay of whole passes of a `StatefulRunner`.
+
+A sparse pass launches a few thousand small kernels (per layer: scratch writes, pooling,
+scoring, top-K, the block table, PBSA), and enqueueing them from Python takes longer than the
+GPU takes to run them. A CUDA graph records the launches once and replays them for the cost of
+one.
+
+What a replay may reuse is exactly what the capture baked in: the inputs' shapes and dtypes,
+the phase, and each layer's ``AttentionState.signature()`` (its history relative to the
+chunk and its counts). The chunk's position is read from the runtime's ``start`` tensor and
+the cache lives in buffers updated in place, so one graph serves every chunk of the steady
+state of a rollout, and the four denoising passes of any chunk. A key's first pass runs
+eagerly (it compiles and autotunes kernels and fills host-side caches), its second is
+captured, later ones replay. A replayed commit pass then redoes the host side of every
+layer's commit (``AttentionState.replay_commit``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["PassGraphs"]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[Tensor, ...]
+    output: Tensor
+
+
+def _meta(t: Tensor) -> tuple:
+    return (tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+class PassGraphs:
+    """Captured passes of one runtime, keyed by what their device work depends on.
+
+    max_graphs: graphs kept (least recently used dropped first). A rollout's steady state
+        needs two (denoise, commit); each holds its pass's activations in a private pool.
+    """
+
+    def __init__(self, max_graphs: int = 4):
+        if not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._seen: OrderedDict[tuple, None] = OrderedDict()
+        self.captures = 0
+        self.replays = 0
+
+    def clear(self) -> None:
+        """Drop every graph (their buffers' addresses are stale after a runtime reset)."""
+        self._graphs.clear()
+        self._seen.clear()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def run(
+        self,
+        key: tuple,
+        pass_fn: Callable[..., Tensor],
+        inputs: tuple[Tensor, ...],
+        before_capture: Callable[[], None],
+        after_replay: Callable[[], None],
+    ) -> Tensor:
+        """One pass: ``pass_fn(*inputs)`` eagerly, captured or replayed, as the key's history
+        says. ``before_capture`` drops host-side memos of device values (a capture must
+        compute them inside the graph); ``after_replay`` redoes the host side effects of a
+        replayed pass (a capture ran them already). Returns a fresh output tensor."""
+        key = (key, tuple(_meta(t) for t in inputs))
+        entry = self._graphs.get(key)
+        if entry is not None:
+            self._graphs.move_to_end(key)
+            for static, value in zip(entry.inputs, inputs, strict=True):
+                static.copy_(value)
+            before_capture()  # eager passes must not read memos that live in a graph's pool
+            entry.graph.replay()
+            self.replays += 1
+            after_replay()
+            return entry.output.clone()
+        if key not in self._seen:
+            output = pass_fn(*inputs)
+            self._remember(key)  # only a pass that succeeded eagerly is ever captured
+            return output
+        return self._capture(key, pass_fn, inputs, before_capture).output.clone()
+
+    def _remember(self, key: tuple) -> None:
+        self._seen[key] = None
+        if len(self._seen) > 8 * self.max_graphs:
+            self._seen.popitem(last=False)
+
+    def _capture(
+        self,
+        key: tuple,
+        pass_fn: Callable[..., Tensor],
+        inputs: tuple[Tensor, ...],
+        before_capture: Callable[[], None],
+    ) -> _Graph:
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        static = tuple(t.clone() for t in inputs)
+        before_capture()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = pass_fn(*static)
+        # the capture recorded the work without running it (its host side effects ran)
+        graph.replay()
+        self.captures += 1
+        entry = self._graphs[key] = _Graph(graph, static, output)
+        return entry
