@@ -3,13 +3,15 @@
     python -m bench.pass_profile [--preset wan2.1-1.3b] [--chunks 8] [--top 25]
         [--runners dense,sparse_graph,...] [--profile sparse_graph]
 
-Runners (`--runners`, any of `RUNNERS`): the dense eager runner, `sparsify(model, default
-PersistentLocal)` as captured (`sparse_graph`) and compiled (`sparse_compiled`), the same
-runtime bound into the eager model (`sparse_eager`, no captured graph) and `sparsify(model,
-Dense(21))` compiled (`sparse_dense_compiled`: what compiling alone gives). Each rolls out
-`--chunks` chunks, then times the next chunk's passes: wall time with a device sync, and host
-time (how long the Python side takes to enqueue the pass, without a sync — when it is close
-to the wall time the pass is host-bound); the median of the denoising passes, and the commit.
+Runners (`--runners`, any of `RUNNERS`): the dense eager runner; `sparsify(model, default
+PersistentLocal)` as captured (`sparse_graph`), compiled (`sparse_compiled`) and compiled with
+its passes replayed as CUDA graphs (`sparse_cudagraph`, what `bench.rollout` runs); the same
+runtime bound into the eager model (`sparse_eager`, no captured graph); and `sparsify(model,
+Dense(21))` compiled with CUDA graphs (`sparse_dense_cudagraph`: what compiling and graphs
+give without sparsity). Each rolls out `--chunks` chunks, then times the next chunk's passes:
+wall time with a device sync, and host time (how long the Python side takes to enqueue the
+pass, without a sync — when it is close to the wall time the pass is host-bound); the median
+of the denoising passes, and the commit.
 Then it profiles one denoising pass of the `--profile` runner and prints the top operators by
 host and device time.
 """
@@ -30,7 +32,14 @@ from runtime.eager import SELF_FORCING_WINDOW_FRAMES, self_forcing_cache
 from sparsify import sparsify
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
 
-RUNNERS = ("dense", "sparse_graph", "sparse_compiled", "sparse_eager", "sparse_dense_compiled")
+RUNNERS = (
+    "dense",
+    "sparse_graph",
+    "sparse_compiled",
+    "sparse_cudagraph",
+    "sparse_eager",
+    "sparse_dense_cudagraph",
+)
 
 
 def _chunk_inputs(config: WanConfig, context):
@@ -85,12 +94,17 @@ def build_runner(name: str, model: CausalWanModel, config: WanConfig, context, n
         return EagerRunner(model, self_forcing_cache(num_frames))
     if name == "sparse_eager":
         return StatefulRunner.for_reference_model(
-            model, pattern, page_size=geometry.page_size, q_block=geometry.q_block
+            model,
+            pattern,
+            page_size=geometry.page_size,
+            q_block=geometry.q_block,
+            cuda_graphs=False,
         )
-    if name == "sparse_dense_compiled":
+    if name == "sparse_dense_cudagraph":
         pattern = Dense(window_frames=SELF_FORCING_WINDOW_FRAMES)
-    runner = sparsify(model, example, pattern, geometry=geometry)
-    if name.endswith("_compiled"):
+    graphs = name.endswith("_cudagraph")
+    runner = sparsify(model, example, pattern, geometry=geometry, cuda_graphs=graphs)
+    if graphs or name.endswith("_compiled"):
         runner.compile()
     return runner
 

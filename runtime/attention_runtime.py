@@ -73,6 +73,7 @@ class AttentionRuntime(nn.Module):
         self._num_frames = 0
         self._committed = 0
         self._broken = False
+        self._pool_layout: tuple | None = None
 
     @property
     def footprint(self) -> Footprint:
@@ -129,20 +130,27 @@ class AttentionRuntime(nn.Module):
         history = evaluate(
             self.footprint.history_frames, self.geometry, num_layers=len(self.states), chunks=chunks
         )
-        pool = PagePool(
-            self.geometry,
-            batch_size,
-            self.num_kv_heads,
-            self.head_dim,
-            self.pool_pages(num_frames),
-            self.geometry.pages_per_chunk,
-            device=device,
-            dtype=dtype,
-            check=self._cursor.debug,
-        )
+        pool, num_pages = self._cursor.pool, self.pool_pages(num_frames)
+        layout = (batch_size, device, dtype, num_pages, self._cursor.debug)
+        if pool is not None and layout == self._pool_layout:
+            pool.clear()  # the same layout again: keep the buffers (and CUDA graphs over them)
+        else:
+            self._cursor.pool = pool = None  # free the old pool before allocating the new one
+            pool = PagePool(
+                self.geometry,
+                batch_size,
+                self.num_kv_heads,
+                self.head_dim,
+                num_pages,
+                self.geometry.pages_per_chunk,
+                device=device,
+                dtype=dtype,
+                check=self._cursor.debug,
+            )
+            self._pool_layout = layout
+            self._cursor.start = torch.zeros((), dtype=torch.int64, device=device)
         self.to(device)
         self._cursor.pool, self._cursor.phase = pool, None
-        self._cursor.start = torch.zeros((), dtype=torch.int64, device=device)
         for state in self.states:
             state.reset(pool, history)
         self._num_frames, self._committed, self._broken = num_frames, 0, False
@@ -219,6 +227,16 @@ class AttentionRuntime(nn.Module):
         """Every layer's ``AttentionState.signature()`` (see ``runtime.graphs``)."""
         return tuple(state.signature() for state in self.states)
 
+    def buffer_addresses(self) -> tuple:
+        """Where the device state lives (what a CUDA graph of a pass reads and writes)."""
+        pool, start = self._cursor.pool, self._cursor.start
+        if pool is None or start is None:
+            return ()
+        tensors = [pool.k, pool.v, pool.page_lens, pool.key_reps, pool.used, start]
+        for state in self.states:
+            tensors += state.buffers()
+        return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
+
     def invalidate_layouts(self) -> None:
         for state in self.states:
             state.invalidate_layout()
@@ -240,7 +258,7 @@ class StatefulRunner(nn.Module):
     cuda_graphs: on a CUDA device (and not in debug mode), replay passes as CUDA graphs
         (``runtime.graphs.PassGraphs``); ``chunk_fn`` then gets ``start_frame`` as the
         runtime's 0-dim device tensor, and must accept it. A replay runs no Python inside the
-        model: checks there (e.g. of the RoPE range) run only in the key's first, eager pass.
+        model: checks there (e.g. of the RoPE range) run only in eager passes.
     """
 
     def __init__(
@@ -275,8 +293,10 @@ class StatefulRunner(nn.Module):
     def reset(
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype, num_frames: int
     ) -> None:
-        self.graphs.clear()
+        buffers = self.runtime.buffer_addresses()
         self.runtime.reset(batch_size, device, dtype, num_frames)
+        if self.runtime.buffer_addresses() != buffers:
+            self.graphs.clear()  # captured over buffers that are gone
 
     def forward(
         self, x: Tensor, timestep: Tensor, context: Tensor, start_frame: int, commit: bool

@@ -144,16 +144,24 @@ class AttentionState(nn.Module):
         return torch.cat([hist, self._persistent[..., : self._num_persistent]], dim=-1)
 
     def reset(self, pool: PagePool, max_history_frames: int) -> None:
-        """Forget everything; bind to a freshly sized pool."""
+        """Forget everything; bind to ``pool``. Buffers of the same shapes are cleared in
+        place, not reallocated (CUDA graphs captured over them stay valid)."""
         b, hkv, device = pool.batch_size, pool.num_kv_heads, pool.device
         ppf = self.geometry.pages_per_frame
         self._frames = []
-        self._frame_pages = torch.zeros(
-            b, hkv, max_history_frames, ppf, dtype=torch.int64, device=device
-        )
-        self._frame_index_buffer = torch.zeros(max_history_frames, dtype=torch.int64, device=device)
-        capacity = self.pattern.persistent_capacity
-        self._persistent = torch.full((b, hkv, capacity), -1, dtype=torch.int64, device=device)
+        shape = (b, hkv, max_history_frames, ppf)
+        old = self._frame_pages
+        if old is None or tuple(old.shape) != shape or old.device != device:
+            self._frame_pages = torch.empty(shape, dtype=torch.int64, device=device)
+            self._frame_index_buffer = torch.empty(
+                max_history_frames, dtype=torch.int64, device=device
+            )
+            self._persistent = torch.empty(
+                (b, hkv, self.pattern.persistent_capacity), dtype=torch.int64, device=device
+            )
+        self._frame_pages.zero_()
+        self._frame_index_buffer.zero_()
+        self._persistent.fill_(-1)
         self._num_persistent = 0
         self._committed = 0
         self._layout = None
@@ -173,6 +181,10 @@ class AttentionState(nn.Module):
             self._num_persistent,
             self._committed - start,
         )
+
+    def buffers(self) -> list[Tensor]:
+        """The device buffers of this layer's state (updated in place only)."""
+        return [self._frame_pages, self._frame_index_buffer, self._persistent]
 
     def invalidate_layout(self) -> None:
         """Drop this chunk's layout memo: the next pass rebuilds it (inside a graph capture,

@@ -9,10 +9,15 @@ What a replay may reuse is exactly what the capture baked in: the inputs' shapes
 the phase, and each layer's ``AttentionState.signature()`` (its history relative to the
 chunk and its counts). The chunk's position is read from the runtime's ``start`` tensor and
 the cache lives in buffers updated in place, so one graph serves every chunk of the steady
-state of a rollout, and the four denoising passes of any chunk. A key's first pass runs
-eagerly (it compiles and autotunes kernels and fills host-side caches), its second is
-captured, later ones replay. A replayed commit pass then redoes the host side of every
-layer's commit (``AttentionState.replay_commit``).
+state of a rollout, and the four denoising passes of any chunk. The first pass of each
+phase and input shape runs eagerly (it compiles kernels and fills host-side caches); after
+that a new key is captured at once, and a known key replays. A replayed commit pass then
+redoes the host side of every layer's commit (``AttentionState.replay_commit``). Graphs
+outlive ``reset`` as long as the runtime keeps its buffers (same sizes), so a second rollout
+of the same shape replays from its first pass.
+
+All graphs share one memory pool: nothing a graph computes is needed after its replay (the
+output is copied out at once), so their activations may overlap.
 """
 
 from __future__ import annotations
@@ -42,22 +47,23 @@ class PassGraphs:
     """Captured passes of one runtime, keyed by what their device work depends on.
 
     max_graphs: graphs kept (least recently used dropped first). A rollout's steady state
-        needs two (denoise, commit); each holds its pass's activations in a private pool.
+        needs two (denoise, commit); the chunks before it need two each.
     """
 
-    def __init__(self, max_graphs: int = 4):
+    def __init__(self, max_graphs: int = 64):
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self._seen: OrderedDict[tuple, None] = OrderedDict()
+        self._warm: set[tuple] = set()
+        self._memory = None  # the shared pool and capture stream, made at the first capture
+        self._stream = None
         self.captures = 0
         self.replays = 0
 
     def clear(self) -> None:
-        """Drop every graph (their buffers' addresses are stale after a runtime reset)."""
+        """Drop every graph (after a reset that reallocated the buffers they read)."""
         self._graphs.clear()
-        self._seen.clear()
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -70,11 +76,13 @@ class PassGraphs:
         before_capture: Callable[[], None],
         after_replay: Callable[[], None],
     ) -> Tensor:
-        """One pass: ``pass_fn(*inputs)`` eagerly, captured or replayed, as the key's history
-        says. ``before_capture`` drops host-side memos of device values (a capture must
-        compute them inside the graph); ``after_replay`` redoes the host side effects of a
-        replayed pass (a capture ran them already). Returns a fresh output tensor."""
-        key = (key, tuple(_meta(t) for t in inputs))
+        """One pass: ``pass_fn(*inputs)`` eagerly, captured or replayed (see the module
+        docstring). ``key``: ``(phase, signature)``. ``before_capture`` drops host-side memos
+        of device values (a capture must compute them inside the graph); ``after_replay``
+        redoes the host side effects of a replayed pass (a capture ran them already).
+        Returns a fresh output tensor."""
+        metas = tuple(_meta(t) for t in inputs)
+        key = (key, metas)
         entry = self._graphs.get(key)
         if entry is not None:
             self._graphs.move_to_end(key)
@@ -85,16 +93,12 @@ class PassGraphs:
             self.replays += 1
             after_replay()
             return entry.output.clone()
-        if key not in self._seen:
+        warm = (key[0][0], metas)  # the phase and the input shapes
+        if warm not in self._warm:
             output = pass_fn(*inputs)
-            self._remember(key)  # only a pass that succeeded eagerly is ever captured
+            self._warm.add(warm)  # only after a pass that succeeded eagerly
             return output
         return self._capture(key, pass_fn, inputs, before_capture).output.clone()
-
-    def _remember(self, key: tuple) -> None:
-        self._seen[key] = None
-        if len(self._seen) > 8 * self.max_graphs:
-            self._seen.popitem(last=False)
 
     def _capture(
         self,
@@ -107,8 +111,11 @@ class PassGraphs:
             self._graphs.popitem(last=False)
         static = tuple(t.clone() for t in inputs)
         before_capture()
+        if self._memory is None:
+            self._memory = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._memory, stream=self._stream):
             output = pass_fn(*static)
         # the capture recorded the work without running it (its host side effects ran)
         graph.replay()

@@ -68,17 +68,11 @@ class PagePool:
         device = torch.device(device)
         shape = (batch_size, num_kv_heads, num_pages)
         page = geometry.page_size
-        # zeros, not empty: the torch backend multiplies masked slots by 0, and 0·NaN = NaN
-        self.k = torch.zeros(*shape, page, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.page_lens = torch.zeros(shape, device=device, dtype=torch.int32)
-        self.key_reps = torch.zeros(*shape, head_dim, device=device, dtype=torch.float32)
-        self.used = torch.zeros(shape, device=device, dtype=torch.bool)
-        self.used[..., :scratch_pages] = True
-        # the scratch range always holds whole frames: its lengths never change
-        self.page_lens[..., :scratch_pages] = geometry.frame_page_lens(device).repeat(
-            scratch_pages // geometry.pages_per_frame
-        )
+        self.k = torch.empty(*shape, page, head_dim, device=device, dtype=dtype)  # see clear
+        self.v = torch.empty_like(self.k)
+        self.page_lens = torch.empty(shape, device=device, dtype=torch.int32)
+        self.key_reps = torch.empty(*shape, head_dim, device=device, dtype=torch.float32)
+        self.used = torch.empty(shape, device=device, dtype=torch.bool)
         self.scratch_ids = torch.arange(scratch_pages, device=device).expand(*shape[:2], -1)
         self._rows = (
             torch.arange(batch_size, device=device)[:, None, None],
@@ -101,9 +95,23 @@ class PagePool:
         self._scratch_reps = self.key_reps[:, :, :scratch_pages].view(
             *shape[:2], frames, geometry.pages_per_frame, head_dim
         )
-        self.num_used = scratch_pages
-        self.peak_used = scratch_pages
+        self.clear()
         self.page_bytes = 2 * batch_size * num_kv_heads * page * head_dim * self.k.element_size()
+
+    def clear(self) -> None:
+        """Empty the pool in place: every page free and zeroed, the scratch range used. The
+        tensors keep their addresses (CUDA graphs captured over them stay valid). Zeros, not
+        garbage: the torch backend multiplies masked slots by 0, and 0·NaN = NaN."""
+        for t in (self.k, self.v, self.page_lens, self.key_reps, self.used):
+            t.zero_()
+        self.used[..., : self.scratch_pages] = True
+        # the scratch range always holds whole frames: its lengths never change
+        g = self.geometry
+        self.page_lens[..., : self.scratch_pages] = g.frame_page_lens(self.device).repeat(
+            self.scratch_pages // g.pages_per_frame
+        )
+        self.num_used = self.scratch_pages
+        self.peak_used = self.scratch_pages
 
     # -- sizes ------------------------------------------------------------------------------
 

@@ -85,6 +85,17 @@ class SparsifiedModule(nn.Module):
         return self.runner.runtime
 
     @property
+    def cuda_graphs(self) -> bool:
+        """Whether passes on CUDA replay as CUDA graphs (cached mode; see `runtime.graphs`)."""
+        return self.runner.cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"cuda_graphs: expected a bool, got {type(value).__name__}")
+        self.runner.cuda_graphs = value
+
+    @property
     def peak_kv_bytes(self) -> int:
         return self.runtime.peak_kv_bytes
 
@@ -308,7 +319,7 @@ def sparsify(
     plan = Plan(rows, captured.method, mode, str(pattern), str(geometry), captured.failures)
     module = SparsifiedModule(graph_module, plan, attention, site_ids)
     if mode == "cached":
-        module.runner.cuda_graphs = cuda_graphs
+        module.cuda_graphs = cuda_graphs
     return module
 
 

@@ -92,6 +92,29 @@ def test_steady_state_chunks_share_one_signature(tiny, pattern):
     assert len(set(signatures[-3:])) == 1
 
 
+def test_reset_keeps_buffers_of_the_same_layout_and_clears_them(tiny):
+    """Graphs outlive a reset only when the buffers they read keep their addresses."""
+    model, context = tiny
+    runner = _runner(model, PATTERNS["persistent_local"], backend="torch")
+    frames = model.config.frames_per_chunk
+    runtime = runner.runtime
+    runner.reset(1, "cpu", torch.float32, CHUNKS * frames)
+    with torch.no_grad():
+        for chunk in range(3):
+            x, t, ctx = _chunk_inputs(model, context, chunk)
+            runner(x, t, ctx, chunk * frames, commit=True)
+    addresses = runtime.buffer_addresses()
+    runner.reset(1, "cpu", torch.float32, CHUNKS * frames)
+    assert runtime.buffer_addresses() == addresses
+    pool = runtime.pool
+    assert pool.num_used == pool.peak_used == pool.scratch_pages
+    assert not pool.k.any() and int(pool.used.sum()) == pool.scratch_pages * pool.num_kv_heads
+    state = runtime.states[0]
+    assert state.frames == () and bool((state._persistent == -1).all())
+    runner.reset(2, "cpu", torch.float32, CHUNKS * frames)
+    assert runtime.buffer_addresses() != addresses
+
+
 def test_signature_depends_on_history_relative_to_the_chunk(tiny):
     model, _ = tiny
     runner = _runner(model, PATTERNS["persistent_local"], backend="torch")
@@ -129,6 +152,25 @@ def test_graphed_rollout_equals_the_eager_rollout(tiny, name):
     assert graphs.captures >= 2 and graphs.replays >= 2 * CHUNKS
     torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
     assert graph_host == eager_host and graph_peak == eager_peak
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_second_rollout_of_the_same_shape_replays_every_pass(tiny):
+    model, context = tiny
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.latent_height, cfg.latent_width)
+    context = context.cuda()
+    runner = _runner(model, PATTERNS["persistent_local"], device="cuda")
+    outs = []
+    with torch.no_grad():
+        for seed in (3, 4, 3):
+            outs.append(generate(runner, context, CHUNKS, latent_shape=shape, seed=seed))
+            if seed == 3:
+                captures, replays = runner.graphs.captures, runner.graphs.replays
+    assert runner.graphs.captures == captures  # nothing new to capture after the first
+    assert runner.graphs.replays - replays == 2 * 5 * CHUNKS
+    torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=0)
+    assert not torch.equal(outs[1], outs[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
