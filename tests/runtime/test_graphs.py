@@ -167,9 +167,10 @@ def test_a_second_rollout_of_the_same_shape_replays_every_pass(tiny):
             outs.append(generate(runner, context, CHUNKS, latent_shape=shape, seed=seed))
             if seed == 3:
                 captures, replays = runner.graphs.captures, runner.graphs.replays
-    assert runner.graphs.captures == captures  # nothing new to capture after the first
-    assert runner.graphs.replays - replays == 2 * 5 * CHUNKS
-    torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=0)
+    counts = (runner.graphs.captures - captures, runner.graphs.replays - replays)
+    assert counts == (0, 2 * 5 * CHUNKS)  # nothing new to capture after the first rollout
+    # the first rollout ran some passes eagerly: equal up to kernel choice, not bitwise
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-4, atol=1e-4)
     assert not torch.equal(outs[1], outs[0])
 
 
