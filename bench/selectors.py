@@ -8,7 +8,13 @@ window's history frames and the current chunk, each frame tiled into 13 pages of
 times what one layer does per denoising pass to build its table: pool the chunk's queries
 into block representatives, score them against the pages' key representatives, take each
 query block's top-K window pages, add the persistent pages and the own frames, emit the
-table. The per-chunk layout is memoised as in the runtime (built once, reused by the passes).
+table. The per-chunk layout is memoised as in the eager runtime (built once, reused by the
+passes).
+
+`python -m bench.selectors` also times the selector as the runtime runs it on CUDA: replayed
+from a CUDA graph (`runtime.graphs`), the layout rebuilt inside the graph at every replay
+(`select_graph_ms`, `select_graph_overhead`): the device time of table building, without the
+Python and launch cost that the eager `select_ms` is made of.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from sparsify.defaults import default_geometry
 
 
 def persistent_local(
-    case: KernelCase, density: float, q: Tensor, k: Tensor
+    case: KernelCase, density: float, q: Tensor, k: Tensor, fresh_layout: bool = False
 ) -> Callable[[], object]:
-    """The default pattern's selection at this case's shape; q [1, Lq, H, D], k [1, Lk, H, D]."""
+    """The default pattern's selection at this case's shape; q [1, Lq, H, D], k [1, Lk, H, D].
+    fresh_layout: rebuild the per-chunk layout at every call (as a graph replay does)."""
     g = default_geometry(case.tokens_per_frame)
     persistent = case.persistent_tokens // g.page_size
     window_frames = round((case.kv_tokens - case.persistent_tokens) / case.tokens_per_frame)
@@ -72,10 +79,22 @@ def persistent_local(
     )
 
     def select() -> object:
+        if fresh_layout:
+            view.memo.clear()
         reps = pool_query_blocks(q, g.q_block)
         return pattern.select(dataclasses.replace(view, query_reps=reps))
 
     return select
+
+
+def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (after one eager call that warms its caches)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             select = persistent_local(case, density, q, k)
             select_ms = time_ms(select)
+            replay = graph_replay(persistent_local(case, density, q, k, fresh_layout=True))
+            graph_ms = time_ms(replay)
             records.append(
                 dict(
                     case=name,
@@ -117,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                     pbsa_ms=pbsa_ms,
                     select_ms=select_ms,
                     select_overhead=select_ms / pbsa_ms,
+                    select_graph_ms=graph_ms,
+                    select_graph_overhead=graph_ms / pbsa_ms,
                 )
             )
     write_json(args.json, dict(device=device_record(), records=records))
