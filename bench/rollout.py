@@ -49,7 +49,8 @@ class Horizon:
         return 4 * self.latent_frames - 3
 
 
-# Warm-up rollouts: dense attention lengths stop changing once the 21-frame window is full (chunk 7).
+# Warm-up rollouts: dense attention lengths stop changing once the 21-frame window is full
+# (chunk 7).
 WARMUP_CHUNKS = SELF_FORCING_WINDOW_FRAMES // 3 + 1
 HORIZONS = {h.name: h for h in (Horizon("5s", 7), Horizon("20s", 27), Horizon("60s", 80))}
 
