@@ -83,16 +83,23 @@ def side_by_side(dense: Tensor, sparse: Tensor, height: int = 256) -> np.ndarray
 
 
 def _last_chunk_map(sparse_module, chunks: int, frames_per_chunk: int) -> dict[str, BlockMap]:
-    """Records layer 0's block map during the last chunk (a pre-hook; no effect on results)."""
+    """Records layer 0's block map during the last chunk (a pre-hook; no effect on results).
+    The last chunk's passes run eagerly: a replayed CUDA graph runs no hooks."""
     runtime = sparse_module.runtime
     state = runtime.states[0]
     last_start = (chunks - 1) * frames_per_chunk
     found: dict[str, BlockMap] = {}
+    graphs = sparse_module.cuda_graphs
+
+    def eager_last_chunk(module, args, kwargs):
+        start = kwargs["start_frame"] if "start_frame" in kwargs else args[3]
+        module.cuda_graphs = graphs and start != last_start
 
     def hook(module, args):
         if runtime.committed_frames == last_start and "map" not in found:
             found["map"] = block_map(module, args[0])
 
+    sparse_module.register_forward_pre_hook(eager_last_chunk, with_kwargs=True)
     state.register_forward_pre_hook(hook)
     return found
 
