@@ -5,27 +5,16 @@ from patterns import BlockScorer, Dense, PersistentLocal, SinkWindow, VideoGeome
 from patterns.footprint import evaluate
 from runtime import (
     AttentionRuntime,
-    CausalWanModel,
     ChunkRunner,
     EagerRunner,
     GlobalCache,
     RollingCache,
     StatefulRunner,
-    WanConfig,
     bind_reference_model,
     generate,
 )
 
 CHUNKS = 4
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    # 35 tokens per frame (never aligned with the 16-token pages), GQA 4 -> 2 heads
-    config = WanConfig.preset("tiny_misaligned", num_kv_heads=2)
-    model = CausalWanModel(config).eval()
-    context = torch.randn(1, config.text_len, config.text_dim, generator=torch.Generator())
-    return model, context
 
 
 def _rollout(runner, model, context):

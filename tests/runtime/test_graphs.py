@@ -7,17 +7,9 @@ import pytest
 import torch
 
 from patterns import Dense, PersistentLocal, TopK
-from runtime import CausalWanModel, StatefulRunner, WanConfig, generate
+from runtime import StatefulRunner, generate
 
 CHUNKS = 7
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    config = WanConfig.preset("tiny_misaligned", num_kv_heads=2)
-    model = CausalWanModel(config).eval()
-    context = torch.randn(1, config.text_len, config.text_dim, generator=torch.Generator())
-    return model, context
 
 
 PATTERNS = {
