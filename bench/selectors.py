@@ -11,10 +11,12 @@ query block's top-K window pages, add the persistent pages and the own frames, e
 table. The per-chunk layout is memoised as in the eager runtime (built once, reused by the
 passes).
 
-`python -m bench.selectors` also times the selector as the runtime runs it on CUDA: replayed
-from a CUDA graph (`runtime.graphs`), the layout rebuilt inside the graph at every replay
-(`select_graph_ms`, `select_graph_overhead`): the device time of table building, without the
-Python and launch cost that the eager `select_ms` is made of.
+On CUDA the pattern builds the table with the two fused kernels of `patterns.select_kernel`
+(it reads the raw queries and the cache's layout buffers directly). `python -m bench.selectors`
+times it eagerly (`select_ms`) and as the runtime runs it, replayed from a CUDA graph
+(`select_graph_ms`): the device time of table building without the Python and launch cost.
+`torch_graph_ms` is the torch path (pooling, scoring, top-K, table; ~30 kernels), replayed from
+a graph with the per-chunk layout rebuilt inside at every replay, as before the fused kernels.
 """
 
 from __future__ import annotations
@@ -28,15 +30,22 @@ from torch import Tensor
 
 from bench.common import device_record, format_table, time_ms, write_json
 from bench.kernel import CASES, PAGE, Q_BLOCK, KernelCase, build_table
-from patterns import BlockScorer, CacheView, PersistentLocal, pool_query_blocks
+from patterns import BlockScorer, BlockTable, CacheView, PersistentLocal, pool_query_blocks
 from sparsify.defaults import default_geometry
 
 
 def persistent_local(
-    case: KernelCase, density: float, q: Tensor, k: Tensor, fresh_layout: bool = False
+    case: KernelCase,
+    density: float,
+    q: Tensor,
+    k: Tensor,
+    fresh_layout: bool = False,
+    fused: bool = True,
 ) -> Callable[[], object]:
     """The default pattern's selection at this case's shape; q [1, Lq, H, D], k [1, Lk, H, D].
-    fresh_layout: rebuild the per-chunk layout at every call (as a graph replay does)."""
+    fresh_layout: rebuild the per-chunk layout at every call (as a graph replay does).
+    fused: give the pattern the raw queries, so on CUDA it takes the two-kernel path
+    (`patterns.select_kernel`); False pools them first and runs the torch path."""
     g = default_geometry(case.tokens_per_frame)
     persistent = case.persistent_tokens // g.page_size
     window_frames = round((case.kv_tokens - case.persistent_tokens) / case.tokens_per_frame)
@@ -81,10 +90,18 @@ def persistent_local(
     def select() -> object:
         if fresh_layout:
             view.memo.clear()
+        if fused:
+            return pattern.select(dataclasses.replace(view, queries=q))
         reps = pool_query_blocks(q, g.q_block)
         return pattern.select(dataclasses.replace(view, query_reps=reps))
 
     return select
+
+
+def rows_equal(a: BlockTable, b: BlockTable) -> float:
+    """Share of table rows that list the same pages (both tables are sorted, zero-padded)."""
+    same = (a.kv_num_blocks == b.kv_num_blocks) & (a.kv_indices == b.kv_indices).all(-1)
+    return float(same.float().mean())
 
 
 def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
@@ -127,10 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                     *args, q_block=Q_BLOCK, page_size=PAGE, return_lse=False
                 )
             )
-            select = persistent_local(case, density, q, k)
-            select_ms = time_ms(select)
-            replay = graph_replay(persistent_local(case, density, q, k, fresh_layout=True))
-            graph_ms = time_ms(replay)
+            fused_table = persistent_local(case, density, q, k)()
+            torch_table = persistent_local(case, density, q, k, fused=False)()
+            select_ms = time_ms(persistent_local(case, density, q, k))
+            graph_ms = time_ms(graph_replay(persistent_local(case, density, q, k)))
+            torch_graph_ms = time_ms(
+                graph_replay(persistent_local(case, density, q, k, fresh_layout=True, fused=False))
+            )
             records.append(
                 dict(
                     case=name,
@@ -140,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                     select_overhead=select_ms / pbsa_ms,
                     select_graph_ms=graph_ms,
                     select_graph_overhead=graph_ms / pbsa_ms,
+                    torch_graph_ms=torch_graph_ms,
+                    torch_graph_overhead=torch_graph_ms / pbsa_ms,
+                    rows_equal=rows_equal(fused_table, torch_table),
                 )
             )
     write_json(args.json, dict(device=device_record(), records=records))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from patterns.geometry import VideoGeometry
+from patterns.scoring import pool_query_blocks
 
 __all__ = ["CacheView"]
 
@@ -38,7 +39,9 @@ class CacheView:
     page_lens: int32 ``[B, Hkv, NP]`` valid tokens per page (the pool's).
     key_reps: float ``[B, Hkv, NP, D]`` raw mean of each page's keys (the pool's).
     query_reps: float ``[B, H, Mq, D]`` raw mean of each query block of the current chunk,
-        or None for patterns that do not score.
+        or None: then ``pooled_queries()`` pools ``queries`` on first use.
+    queries: the current pass's queries ``[B, F·T, H, D]`` (BLHD), or None. Selections that
+        pool and score in one kernel read them instead of ``query_reps``.
     scorer: the layer's ``BlockScorer`` (None: an untrained one, i.e. raw pooled q·k).
     start: int64 0-dim tensor on the cache's device equal to ``chunk_start``, or None. The
         runtime gives it so that device work never bakes the chunk's position in: a CUDA
@@ -58,6 +61,7 @@ class CacheView:
     page_lens: Tensor
     key_reps: Tensor
     query_reps: Tensor | None = None
+    queries: Tensor | None = None
     scorer: nn.Module | None = None
     start: Tensor | None = None
     memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
@@ -99,6 +103,16 @@ class CacheView:
         when given, so that no absolute frame is a constant of the work)."""
         rel = torch.arange(self.geometry.frames_per_chunk, device=self.chunk_pages.device)
         return rel + (self.chunk_start if self.start is None else self.start)
+
+    def pooled_queries(self) -> Tensor:
+        """``query_reps``, pooled from ``queries`` on first use (kept on this view only: the
+        queries change every pass)."""
+        if self.query_reps is None:
+            if self.queries is None:
+                raise ValueError("this pattern scores blocks: the view needs query_reps or queries")
+            reps = pool_query_blocks(self.queries, self.geometry.q_block)
+            object.__setattr__(self, "query_reps", reps)
+        return self.query_reps
 
     @property
     def present_history(self) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ from patterns.cache_view import CacheView
 from patterns.checks import check_int
 from patterns.footprint import Footprint, frames_per_chunk, pages_per_frame, t, window_history
 from patterns.geometry import VideoGeometry
+from patterns.select_kernel import fused_select_supported, persistent_local_table
 from patterns.selection import (
     block_logits,
     columns,
@@ -399,18 +400,20 @@ class PersistentLocal(Pattern):
         k = self.local_k(window_pages)
         if k >= window_pages:
             return _all_visible(view)
+        own_pages = max_own_pages(g) if self.force_own_frame else 0
+        num_columns = c + (len(view.history_frames) + g.frames_per_chunk) * g.pages_per_frame
+        bound = min(num_columns, c + k + own_pages)
+        if fused_select_supported(view):
+            return persistent_local_table(view, k, bound, self.force_own_frame)
         fixed = view.cached("persistent_local", lambda: self._fixed_parts(view))
         scores = block_logits(view, view.key_reps.gather(2, fixed["rep_index"]))
         # topk_mask inlined over the memoised mask (saves a negation and a copy per pass)
         masked = scores.masked_fill(fixed["blocked"], float("-inf"))
         picked = torch.zeros(masked.shape, dtype=torch.bool, device=masked.device)
         local = picked.scatter_(-1, masked.topk(k, dim=-1).indices, True) & fixed["allowed"]
-        own_pages = 0
         if self.force_own_frame:
             local = local | fixed["own"]  # chunk pages are always valid
-            own_pages = max_own_pages(g)
         vis = torch.cat([fixed["persistent"].expand(*local.shape[:3], c), local], dim=-1)
-        bound = min(vis.shape[-1], c + k + own_pages)
         return BlockTable.from_visibility(vis, g.q_block, g.page_size, fixed["ids"], bound)
 
     @staticmethod

@@ -130,9 +130,7 @@ def gather_reps(key_reps: Tensor, ids: Tensor) -> Tensor:
 def block_logits(view: CacheView, key_reps: Tensor) -> Tensor:
     """float32 ``[B, H, Mq, N]`` scores of the view's query blocks against key_reps
     ``[B, Hkv, N, D]`` by the view's scorer."""
-    if view.query_reps is None:
-        raise ValueError("this pattern scores blocks: the view needs query_reps")
-    q = view.query_reps
+    q = view.pooled_queries()
     scorer = default_scorer(view.scorer, q.shape[1], key_reps.shape[1], q.shape[3], q.device)
     return scorer.block_logits(q, key_reps)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import codegen
-from patterns import BlockScorer, CacheView, Pattern, VideoGeometry, pool_query_blocks
+from patterns import BlockScorer, CacheView, Pattern, VideoGeometry
 from runtime.pool import PagePool
 
 __all__ = ["AttentionState", "RuntimeCursor"]
@@ -228,9 +228,10 @@ class AttentionState(nn.Module):
             if x.device != pool.device:
                 raise ValueError(f"{name} must be on {pool.device} (the cache's), got {x.device}")
 
-    def view(self, query_reps: Tensor | None) -> CacheView:
-        """The cache as the pattern sees it for the current chunk. The layout part is built
-        once per chunk; every pass's view shares its memo (see ``CacheView.cached``)."""
+    def view(self, queries: Tensor) -> CacheView:
+        """The cache as the pattern sees it for the current chunk's ``queries`` (BLHD, this
+        pass's). The layout part is built once per chunk; every pass's view shares its memo
+        (see ``CacheView.cached``)."""
         pool = self._require_pool()
         if self._layout is None or self._layout.chunk_start != self._cursor.chunk_start:
             g = self.geometry
@@ -254,7 +255,7 @@ class AttentionState(nn.Module):
         # a shallow copy shares the memo and skips __post_init__'s checks, which the layout
         # passed once this chunk (dataclasses.replace would re-run them on every pass)
         view = copy.copy(self._layout)
-        object.__setattr__(view, "query_reps", query_reps)
+        object.__setattr__(view, "queries", queries)
         return view
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -262,10 +263,9 @@ class AttentionState(nn.Module):
         post-RoPE, ``Lc = F·T``) → ``[B, Lc, H, D]``. A rejected call changes nothing."""
         pool = self._require_pool()
         self._check_inputs(q, k, v, pool)
-        g = self.geometry
         pool.write_scratch(k, v)
-        query_reps = pool_query_blocks(q, g.q_block) if self.pattern.needs_scores else None
-        table = self.pattern.select(self.view(query_reps))
+        view = self.view(q)
+        table = self.pattern.select(view)
         if self._cursor.debug:
             table.validate(pool.num_pages)
         out, _ = codegen.pbsa_attention(
@@ -276,12 +276,12 @@ class AttentionState(nn.Module):
             table.kv_indices,
             pool.page_lens,
             layout="BLHD",
-            q_block=g.q_block,
+            q_block=self.geometry.q_block,
             return_lse=False,
             backend=self._cursor.backend,
         )
         if self._cursor.phase == "commit":
-            self._commit(pool, query_reps)
+            self._commit(pool, view.pooled_queries() if self.pattern.needs_scores else None)
         return out
 
     # -- commit -----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from patterns import pool_query_blocks
 from patterns.block_table import expand_heads
 from patterns.selection import columns
 from runtime.attention_state import AttentionState
@@ -33,10 +32,8 @@ class BlockMap:
 def block_map(state: AttentionState, q: Tensor) -> BlockMap:
     """The table `state` builds for the chunk's queries q ``[B, Lc, H, D]`` (BLHD, the
     current pass's), without running attention or touching the cache."""
-    pattern, g = state.pattern, state.geometry
-    query_reps = pool_query_blocks(q, g.q_block) if pattern.needs_scores else None
-    view = state.view(query_reps)
-    table = pattern.select(view)
+    view = state.view(q)
+    table = state.pattern.select(view)
     # the pattern's own candidate columns: persistent | history frames | current chunk
     cols = columns(view)
     ids = expand_heads(cols.ids, state.num_heads, "ids")  # [B, H, N] per query head
