@@ -41,7 +41,7 @@ BLOCK_COLS = 64
 POOL_ROWS = 8
 # Widest candidate row (persistent + window pages) the table kernel holds in registers.
 MAX_COLUMNS = 4096
-INT32_MAX = 2**31 - 1
+INT32_MAX = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
@@ -143,7 +143,9 @@ def _table_kernel(
     row = (pid_bh * num_q_blocks + m).to(tl.int64)
     score = tl.load(Scores + row * window_cols + w, mask=in_hist | in_chunk, other=0.0)
     bits = score.to(tl.uint32, bitcast=True)
-    flip = tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+    all_bits = tl.full([COLUMNS], 0xFFFFFFFF, tl.uint32)
+    sign_bit = all_bits ^ (all_bits >> 1)
+    flip = tl.where((bits & sign_bit) != 0, all_bits, sign_bit)
     key = tl.where(allowed, bits ^ flip, tl.zeros_like(bits))
 
     # Radix select of the K-th largest key, most significant bit first: keep a bit when at
