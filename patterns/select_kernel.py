@@ -235,7 +235,8 @@ def persistent_local_table(
         persistent = persistent.contiguous()
     start = view.start
     if start is None:
-        start = torch.tensor(view.chunk_start, device=q.device, dtype=torch.int64)
+        # a fill, not a host copy: safe inside a CUDA-graph capture
+        start = torch.full((), view.chunk_start, device=q.device, dtype=torch.int64)
 
     num_q_blocks = g.q_blocks_per_chunk
     hist_cols = len(view.history_frames) * g.pages_per_frame

@@ -84,6 +84,7 @@ def window_scores64(view):
     k = (
         view.key_reps[0]
         .double()
+        .cpu()
         .gather(1, window.clamp(min=0)[..., None].expand(-1, -1, q.shape[-1]))
     )
     phi_q = q @ scorer.wq.detach().double().cpu()
