@@ -104,6 +104,22 @@ def rows_equal(a: BlockTable, b: BlockTable) -> float:
     return float(same.float().mean())
 
 
+def kernel_us(fn: Callable[[], object], repeats: int = 20) -> dict[str, float]:
+    """Device time per call of each kernel that ``fn`` launches (µs, from the profiler)."""
+    fn()
+    torch.cuda.synchronize()
+    activity = torch.profiler.ProfilerActivity.CUDA
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    return {
+        e.key[:60]: round(e.device_time_total / repeats, 2)
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    }
+
+
 def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
     """``fn`` captured in a CUDA graph (after one eager call that warms its caches)."""
     fn()
@@ -122,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--cases", default="paper65k")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--profile", action="store_true", help="also record each kernel's device time"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.selectors needs a CUDA device")
@@ -165,8 +184,14 @@ def main(argv: list[str] | None = None) -> int:
                     rows_equal=rows_equal(fused_table, torch_table),
                 )
             )
+            if args.profile:
+                records[-1]["kernels_us"] = kernel_us(persistent_local(case, density, q, k))
     write_json(args.json, dict(device=device_record(), records=records))
-    print(format_table(records, list(records[0])))
+    columns = [c for c in records[0] if c != "kernels_us"]
+    for rec in records:
+        for name, us in rec.get("kernels_us", {}).items():
+            print(f"{rec['density']:<8} {us:8.2f} us  {name}")
+    print(format_table(records, columns))
     return 0
 
 

@@ -1,20 +1,23 @@
-"""`PersistentLocal`'s block table built on the GPU by two Triton kernels.
+"""`PersistentLocal`'s block table built on the GPU by three Triton kernels.
 
 The torch path (`PersistentLocal.select` over `patterns.selection`) is the reference; this is
 the same selection with ~30 small launches (pooling, scoring, top-K, masks, the table's sort
 and compaction, and the per-chunk layout that a CUDA-graph replay rebuilds every pass)
-folded into two:
+folded into three:
 
-1. ``_window_scores_kernel``, one program per (batch·query head, group of ``GROUP_M`` query
-   blocks): mean-pools the group's query blocks straight from q, applies the layer's scorer
-   (``q̄·Wq·Wkᵀ/√D``, so keys are never transformed) and scores every window page against
-   the pool's key means → float32 scores ``[B, H, Mq, Nw]``.
-2. ``_table_kernel``, one program per (batch·query head, query block): the row's top-K window
+1. ``_query_kernel``, one program per (batch·query head, query block): mean-pools the block
+   straight from q and folds the layer's scorer into it (``q̄·Wq·Wkᵀ/√D``, so keys are
+   scored as stored) → ``[B, H, Mq, D]``.
+2. ``_window_scores_kernel``, one program per (batch·query head, ``GROUP_M`` query blocks,
+   ``BLOCK_COLS`` window pages): those queries against the pool's key means of those pages
+   → float32 scores ``[B, H, Mq, Nw]``.
+3. ``_table_kernel``, one program per (batch·query head, query block): the row's top-K window
    pages by a radix select on the scores (ties: the lower column wins), ∪ the persistent pages
-   ∪ the pages of the block's own frames, sorted by page id → the row of the `BlockTable`.
+   ∪ the pages of the block's own frames, in ascending page order (a bitmap over the pool,
+   not a sort) → the row of the `BlockTable`.
 
-Both read the cache's layout (frame slots, page ids, persistent set, the chunk's start) from
-its device buffers, so a graph captured at one chunk is right at any later chunk of the
+All three read the cache's layout (frame slots, page ids, persistent set, the chunk's start)
+from its device buffers, so a graph captured at one chunk is right at any later chunk of the
 same shape.
 """
 
@@ -33,80 +36,102 @@ from patterns.selection import default_scorer
 
 __all__ = ["fused_select_supported", "persistent_local_table"]
 
-# Query blocks per scoring program: the M of its matrix products (tl.dot needs >= 16).
+# Query blocks per scoring program: the M of its matrix product (tl.dot needs >= 16).
 GROUP_M = 16
-# Window pages scored per step of the scoring loop.
+# Window pages per scoring program.
 BLOCK_COLS = 64
 # Query rows pooled per step of the pooling loop.
-POOL_ROWS = 8
-# Widest candidate row (persistent + window pages) the table kernel holds in registers.
+POOL_ROWS = 32
+# Widest candidate row (persistent + window pages) the table kernel holds in registers, and
+# the largest pool whose page ids it can order by marking them in a bitmap.
 MAX_COLUMNS = 4096
-INT32_MAX = tl.constexpr(2**31 - 1)
+MAX_POOL_PAGES = 16384
 
 
 @triton.jit
-def _window_scores_kernel(
-    Q, Wq, Wk, KeyReps, FramePages, ChunkPages, Scores,
+def _query_kernel(
+    Q, Wq, Wk, QEff,
     stride_qb, stride_ql, stride_qh,
-    stride_fb, stride_fh, stride_cb, stride_ch,
-    num_heads, group, q_len, num_q_blocks, hist_cols, window_cols, num_pages, scale,
-    Q_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_COLS: tl.constexpr, POOL_ROWS: tl.constexpr,
+    num_heads, group, q_len, num_q_blocks, scale,
+    Q_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, POOL_ROWS: tl.constexpr,
 ):  # fmt: skip
+    m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     g = h // group
-    offs_m = tl.program_id(0) * GROUP_M + tl.arange(0, GROUP_M)
     offs_r = tl.arange(0, POOL_ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    # Mean of the block's valid rows (the chunk's last block may be partial).
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for r0 in range(0, Q_BLOCK, POOL_ROWS):
+        rows = m * Q_BLOCK + r0 + offs_r
+        tile = tl.load(
+            q_base + rows[:, None].to(tl.int64) * stride_ql + offs_d[None, :],
+            mask=(rows < q_len)[:, None], other=0.0,
+        )  # fmt: skip
+        q_sum += tl.sum(tile.to(tl.float32), 0)
+    q_mean = q_sum / tl.maximum(tl.minimum(q_len - m * Q_BLOCK, Q_BLOCK), 1).to(tl.float32)
+
+    # Fold both compressions and 1/sqrt(D) into the query: (q̄ Wq)·(k̄ Wk) = (q̄ Wq Wkᵀ)·k̄,
+    # so keys are scored as they are stored.
+    w_off = offs_d[:, None] * HEAD_DIM + offs_d[None, :]
+    wq = tl.load(Wq + h.to(tl.int64) * HEAD_DIM * HEAD_DIM + w_off)
+    q_proj = tl.sum(q_mean[:, None] * wq, 0)  # Σ_i q̄[i] Wq[i, j]
+    wk = tl.load(Wk + g.to(tl.int64) * HEAD_DIM * HEAD_DIM + w_off)
+    q_eff = tl.sum(wk * q_proj[None, :], 1) * scale  # Σ_j Wk[i, j] q_proj[j]
+    tl.store(QEff + (pid_bh * num_q_blocks + m).to(tl.int64) * HEAD_DIM + offs_d, q_eff)
+
+
+@triton.jit
+def _window_scores_kernel(
+    QEff, KeyReps, FramePages, ChunkPages, Scores,
+    stride_fb, stride_fh, stride_cb, stride_ch,
+    num_heads, group, num_q_blocks, hist_cols, window_cols, num_pages,
+    HEAD_DIM: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    g = (pid_bh % num_heads) // group
+    offs_m = tl.program_id(0) * GROUP_M + tl.arange(0, GROUP_M)
+    cols = tl.program_id(2) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     offs_d = tl.arange(0, HEAD_DIM)
     block_ok = offs_m < num_q_blocks
 
-    # Mean of each query block over its valid rows (the chunk's last block may be partial).
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    q_sum = tl.zeros([GROUP_M, HEAD_DIM], dtype=tl.float32)
-    for r0 in range(0, Q_BLOCK, POOL_ROWS):
-        rows = offs_m[:, None] * Q_BLOCK + r0 + offs_r[None, :]  # [GROUP_M, POOL_ROWS]
-        ptrs = q_base + rows[:, :, None].to(tl.int64) * stride_ql + offs_d[None, None, :]
-        tile = tl.load(ptrs, mask=(rows < q_len)[:, :, None], other=0.0)
-        q_sum += tl.sum(tile.to(tl.float32), 1)
-    rows_in_block = tl.minimum(q_len - offs_m * Q_BLOCK, Q_BLOCK)
-    q_mean = q_sum / tl.maximum(rows_in_block, 1).to(tl.float32)[:, None]
-
-    # Fold both compressions and 1/sqrt(D) into the query: (q̄ Wq)·(k̄ Wk) = (q̄ Wq Wkᵀ)·k̄.
-    w_off = offs_d[:, None] * HEAD_DIM + offs_d[None, :]
-    wq = tl.load(Wq + h.to(tl.int64) * HEAD_DIM * HEAD_DIM + w_off)
-    wk = tl.load(Wk + g.to(tl.int64) * HEAD_DIM * HEAD_DIM + w_off)
-    q_proj = tl.dot(q_mean, wq, input_precision="ieee")
-    q_eff = tl.dot(q_proj, tl.trans(wk), input_precision="ieee") * scale
+    q_rows = (pid_bh * num_q_blocks + offs_m).to(tl.int64)
+    q_eff = tl.load(QEff + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=block_ok[:, None],
+                    other=0.0)  # fmt: skip
 
     # Window column w is page w of the history slots (w < hist_cols) or of the chunk.
-    frame_base = FramePages + b.to(tl.int64) * stride_fb + g.to(tl.int64) * stride_fh
-    chunk_base = ChunkPages + b.to(tl.int64) * stride_cb + g.to(tl.int64) * stride_ch
+    in_hist = cols < hist_cols
+    in_chunk = (cols >= hist_cols) & (cols < window_cols)
+    hist_page = tl.load(
+        FramePages + b.to(tl.int64) * stride_fb + g.to(tl.int64) * stride_fh + cols,
+        mask=in_hist, other=0,
+    )  # fmt: skip
+    chunk_page = tl.load(
+        ChunkPages + b.to(tl.int64) * stride_cb + g.to(tl.int64) * stride_ch + cols - hist_cols,
+        mask=in_chunk, other=0,
+    )  # fmt: skip
+    # an empty history slot's id is meaningless: read some page, the table ignores it
+    page = tl.minimum(tl.maximum(tl.where(in_chunk, chunk_page, hist_page), 0), num_pages - 1)
     reps_base = KeyReps + (b * (num_heads // group) + g).to(tl.int64) * num_pages * HEAD_DIM
-    out_base = Scores + pid_bh.to(tl.int64) * num_q_blocks * window_cols
-    for c0 in range(0, window_cols, BLOCK_COLS):
-        cols = c0 + tl.arange(0, BLOCK_COLS)
-        in_hist = cols < hist_cols
-        in_chunk = (cols >= hist_cols) & (cols < window_cols)
-        page = tl.load(frame_base + cols, mask=in_hist, other=0)
-        page = tl.where(in_chunk, tl.load(chunk_base + cols - hist_cols, mask=in_chunk, other=0),
-                        page)  # fmt: skip
-        # an empty history slot's id is meaningless: read some page, the table ignores it
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
-        reps = tl.load(reps_base + page[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :])
-        scores = tl.dot(q_eff, tl.trans(reps), input_precision="ieee")
-        out = out_base + offs_m[:, None].to(tl.int64) * window_cols + cols[None, :]
-        tl.store(out, scores, mask=block_ok[:, None] & (cols < window_cols)[None, :])
+    reps = tl.load(reps_base + page[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :])
+    scores = tl.dot(q_eff, tl.trans(reps), input_precision="ieee")
+    out = Scores + q_rows[:, None] * window_cols + cols[None, :]
+    tl.store(out, scores, mask=block_ok[:, None] & (cols < window_cols)[None, :])
 
 
 @triton.jit
 def _table_kernel(
-    Scores, FrameIndex, FramePages, ChunkPages, Persistent, Start, NumBlocks, Indices,
+    Scores, FrameIndex, FramePages, ChunkPages, Persistent, Start, Marks, NumBlocks, Indices,
     stride_fb, stride_fh, stride_cb, stride_ch, stride_pb, stride_ph,
     num_heads, group, q_len, num_q_blocks, num_persistent, hist_cols, window_cols,
     pages_per_frame, tokens_per_frame, top_k, max_blocks,
-    Q_BLOCK: tl.constexpr, COLUMNS: tl.constexpr, FORCE_OWN: tl.constexpr,
+    Q_BLOCK: tl.constexpr, COLUMNS: tl.constexpr, POOL_PAGES: tl.constexpr,
+    FORCE_OWN: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -169,21 +194,34 @@ def _table_kernel(
         own_last = start + last_row // tokens_per_frame
         visible = visible | (in_chunk & (chunk_frame >= own_first) & (chunk_frame <= own_last))
 
-    # The row: visible page ids ascending, then zero padding up to max_blocks.
-    ids = tl.sort(tl.where(visible, page.to(tl.int32), INT32_MAX), 0)
-    count = tl.sum(visible.to(tl.int32), 0)
+    # The row in ascending page order without a sort: mark the visible ids in this row's
+    # bitmap over the pool, then each marked id's slot is the count of marks below it. The
+    # barriers make the block's global writes visible to all of its threads.
+    offs_pool = tl.arange(0, POOL_PAGES)
+    marks = Marks + row * POOL_PAGES
+    tl.store(marks + offs_pool, tl.zeros([POOL_PAGES], dtype=tl.int8))
+    tl.debug_barrier()
+    # (ids are in [0, NP) by the cache's contract; the bound only keeps a bad id in its row)
+    tl.store(marks + page, tl.full([COLUMNS], 1, tl.int8),
+             mask=visible & (page >= 0) & (page < POOL_PAGES))  # fmt: skip
+    tl.debug_barrier()
+    marked = tl.load(marks + offs_pool) != 0
+    slot = tl.cumsum(marked.to(tl.int32), 0) - 1
+    out = Indices + row * max_blocks
+    tl.store(out + slot, offs_pool, mask=marked)
+    count = tl.sum(marked.to(tl.int32), 0)
+    tl.store(out + n, tl.zeros([COLUMNS], dtype=tl.int32), mask=(n >= count) & (n < max_blocks))
     tl.store(NumBlocks + row, count)
-    tl.store(Indices + row * max_blocks + n, tl.where(n < count, ids, 0), mask=n < max_blocks)
 
 
-def _columns_padded(count: int) -> int:
+def _padded(count: int) -> int:
     return max(16, triton.next_power_of_2(count))
 
 
 def fused_select_supported(view: CacheView) -> bool:
     """Whether `persistent_local_table` can build this view's table: raw queries on a CUDA
-    device, the identity or a `BlockScorer` scorer, a power-of-two head_dim in [16, 128] and at
-    most `MAX_COLUMNS` candidate pages."""
+    device, the identity or a `BlockScorer` scorer, a power-of-two head_dim in [16, 128], at
+    most `MAX_COLUMNS` candidate pages and a pool of at most `MAX_POOL_PAGES` pages."""
     q = view.queries
     if q is None or not q.is_cuda:
         return False
@@ -197,6 +235,7 @@ def fused_select_supported(view: CacheView) -> bool:
         and 16 <= head_dim <= 128
         and head_dim & (head_dim - 1) == 0
         and columns <= MAX_COLUMNS
+        and view.key_reps.shape[2] <= MAX_POOL_PAGES
     )
 
 
@@ -242,30 +281,41 @@ def persistent_local_table(
     hist_cols = len(view.history_frames) * g.pages_per_frame
     window_cols = hist_cols + g.pages_per_chunk
     num_pages = key_reps.shape[2]
-    scores = torch.empty(batch, heads, num_q_blocks, window_cols, device=q.device)
-    _window_scores_kernel[(triton.cdiv(num_q_blocks, GROUP_M), batch * heads)](
-        q, wq, wk, key_reps, frame_pages, chunk_pages, scores,
-        q.stride(0), q.stride(1), q.stride(2),
+    group = heads // kv_heads
+    rows = batch * heads * num_q_blocks
+    device = q.device
+
+    q_eff = torch.empty(batch, heads, num_q_blocks, head_dim, device=device)
+    _query_kernel[(num_q_blocks, batch * heads)](
+        q, wq, wk, q_eff, q.stride(0), q.stride(1), q.stride(2),
+        heads, group, q_len, num_q_blocks, 1.0 / math.sqrt(head_dim),
+        Q_BLOCK=g.q_block, HEAD_DIM=head_dim, POOL_ROWS=min(POOL_ROWS, g.q_block),
+        num_warps=8 if head_dim >= 128 else 4,
+    )  # fmt: skip
+
+    scores = torch.empty(batch, heads, num_q_blocks, window_cols, device=device)
+    grid = (triton.cdiv(num_q_blocks, GROUP_M), batch * heads, triton.cdiv(window_cols, BLOCK_COLS))
+    _window_scores_kernel[grid](
+        q_eff, key_reps, frame_pages, chunk_pages, scores,
         frame_pages.stride(0), frame_pages.stride(1),
         chunk_pages.stride(0), chunk_pages.stride(1),
-        heads, heads // kv_heads, q_len, num_q_blocks, hist_cols, window_cols, num_pages,
-        1.0 / math.sqrt(head_dim),
-        Q_BLOCK=g.q_block, HEAD_DIM=head_dim, GROUP_M=GROUP_M, BLOCK_COLS=BLOCK_COLS,
-        POOL_ROWS=min(POOL_ROWS, g.q_block), num_warps=4,
+        heads, group, num_q_blocks, hist_cols, window_cols, num_pages,
+        HEAD_DIM=head_dim, GROUP_M=GROUP_M, BLOCK_COLS=BLOCK_COLS, num_warps=4,
     )  # fmt: skip
 
     num_persistent = persistent.shape[2]
-    counts = torch.empty(batch, heads, num_q_blocks, device=q.device, dtype=torch.int32)
-    indices = torch.empty(
-        batch, heads, num_q_blocks, max_blocks, device=q.device, dtype=torch.int32
-    )
+    pool_pages = _padded(num_pages)
+    marks = torch.empty(rows, pool_pages, device=device, dtype=torch.int8)
+    counts = torch.empty(batch, heads, num_q_blocks, device=device, dtype=torch.int32)
+    indices = torch.empty(batch, heads, num_q_blocks, max_blocks, device=device, dtype=torch.int32)
     _table_kernel[(num_q_blocks, batch * heads)](
-        scores, view.frame_index, frame_pages, chunk_pages, persistent, start, counts, indices,
+        scores, view.frame_index, frame_pages, chunk_pages, persistent, start, marks, counts,
+        indices,
         frame_pages.stride(0), frame_pages.stride(1), chunk_pages.stride(0),
         chunk_pages.stride(1), persistent.stride(0), persistent.stride(1),
-        heads, heads // kv_heads, q_len, num_q_blocks, num_persistent, hist_cols, window_cols,
+        heads, group, q_len, num_q_blocks, num_persistent, hist_cols, window_cols,
         g.pages_per_frame, g.tokens_per_frame, top_k, max_blocks,
-        Q_BLOCK=g.q_block, COLUMNS=_columns_padded(num_persistent + window_cols),
+        Q_BLOCK=g.q_block, COLUMNS=_padded(num_persistent + window_cols), POOL_PAGES=pool_pages,
         FORCE_OWN=force_own_frame, num_warps=4,
     )  # fmt: skip
     return BlockTable(counts, indices, g.q_block, g.page_size)
