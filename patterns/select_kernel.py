@@ -5,12 +5,12 @@ the same selection with ~30 small launches (pooling, scoring, top-K, masks, the 
 and compaction, and the per-chunk layout that a CUDA-graph replay rebuilds every pass)
 folded into three:
 
-1. ``_query_kernel``, one program per (batch·query head, query block): mean-pools the block
-   straight from q and folds the layer's scorer into it (``q̄·Wq·Wkᵀ/√D``, so keys are
-   scored as stored) → ``[B, H, Mq, D]``.
-2. ``_window_scores_kernel``, one program per (batch·query head, ``GROUP_M`` query blocks,
-   ``BLOCK_COLS`` window pages): those queries against the pool's key means of those pages
-   → float32 scores ``[B, H, Mq, Nw]``.
+1. ``_pool_queries_kernel``, one program per (batch·query head, query block): the block's
+   mean query, read straight from q → ``[B, H, Mq, D]``.
+2. ``_window_scores_kernel``, one program per (batch·query head, ``GROUP_M`` query blocks, a
+   run of window pages): folds the layer's scorer into the queries (``q̄·Wq·Wkᵀ/√D``, so keys
+   are scored as stored; one weight read per group of blocks) and scores the pages' key
+   means → float32 scores ``[B, H, Mq, Nw]``.
 3. ``_table_kernel``, one program per (batch·query head, query block): the row's top-K window
    pages by a radix select on the scores (ties: the lower column wins), ∪ the persistent pages
    ∪ the pages of the block's own frames, in ascending page order (a bitmap over the pool,
@@ -36,33 +36,31 @@ from patterns.selection import default_scorer
 
 __all__ = ["fused_select_supported", "persistent_local_table"]
 
-# Query blocks per scoring program: the M of its matrix product (tl.dot needs >= 16).
+# Query blocks per scoring program: the M of its matrix products (tl.dot needs >= 16).
 GROUP_M = 16
-# Window pages per scoring program.
+# Window pages per step of a scoring program, and steps per program.
 BLOCK_COLS = 64
+COL_STEPS = 2
 # Query rows pooled per step of the pooling loop.
 POOL_ROWS = 32
 # Widest candidate row (persistent + window pages) the table kernel holds in registers, and
 # the largest pool whose page ids it can order by marking them in a bitmap.
 MAX_COLUMNS = 4096
 MAX_POOL_PAGES = 16384
+PRECISION = tl.constexpr("tf32x3")
 
 
 @triton.jit
-def _query_kernel(
-    Q, Wq, Wk, QEff,
-    stride_qb, stride_ql, stride_qh,
-    num_heads, group, q_len, num_q_blocks, scale,
+def _pool_queries_kernel(
+    Q, QMean, stride_qb, stride_ql, stride_qh, num_heads, q_len, num_q_blocks,
     Q_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, POOL_ROWS: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    g = h // group
     offs_r = tl.arange(0, POOL_ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
-
     # Mean of the block's valid rows (the chunk's last block may be partial).
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     q_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -74,54 +72,53 @@ def _query_kernel(
         )  # fmt: skip
         q_sum += tl.sum(tile.to(tl.float32), 0)
     q_mean = q_sum / tl.maximum(tl.minimum(q_len - m * Q_BLOCK, Q_BLOCK), 1).to(tl.float32)
-
-    # Fold both compressions and 1/sqrt(D) into the query: (q̄ Wq)·(k̄ Wk) = (q̄ Wq Wkᵀ)·k̄,
-    # so keys are scored as they are stored.
-    w_off = offs_d[:, None] * HEAD_DIM + offs_d[None, :]
-    wq = tl.load(Wq + h.to(tl.int64) * HEAD_DIM * HEAD_DIM + w_off)
-    q_proj = tl.sum(q_mean[:, None] * wq, 0)  # Σ_i q̄[i] Wq[i, j]
-    wk = tl.load(Wk + g.to(tl.int64) * HEAD_DIM * HEAD_DIM + w_off)
-    q_eff = tl.sum(wk * q_proj[None, :], 1) * scale  # Σ_j Wk[i, j] q_proj[j]
-    tl.store(QEff + (pid_bh * num_q_blocks + m).to(tl.int64) * HEAD_DIM + offs_d, q_eff)
+    tl.store(QMean + (pid_bh * num_q_blocks + m).to(tl.int64) * HEAD_DIM + offs_d, q_mean)
 
 
 @triton.jit
 def _window_scores_kernel(
-    QEff, KeyReps, FramePages, ChunkPages, Scores,
+    QMean, Wq, Wk, KeyReps, FramePages, ChunkPages, Scores,
     stride_fb, stride_fh, stride_cb, stride_ch,
-    num_heads, group, num_q_blocks, hist_cols, window_cols, num_pages,
+    num_heads, group, num_q_blocks, hist_cols, window_cols, num_pages, scale,
     HEAD_DIM: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    COL_STEPS: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
-    g = (pid_bh % num_heads) // group
+    h = pid_bh % num_heads
+    g = h // group
     offs_m = tl.program_id(0) * GROUP_M + tl.arange(0, GROUP_M)
-    cols = tl.program_id(2) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     offs_d = tl.arange(0, HEAD_DIM)
     block_ok = offs_m < num_q_blocks
 
+    # Fold both compressions and 1/sqrt(D) into the queries: (q̄ Wq)·(k̄ Wk) = (q̄ Wq Wkᵀ)·k̄,
+    # so keys are scored as they are stored. tf32x3 keeps float32 accuracy on tensor cores.
     q_rows = (pid_bh * num_q_blocks + offs_m).to(tl.int64)
-    q_eff = tl.load(QEff + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=block_ok[:, None],
-                    other=0.0)  # fmt: skip
+    q_mean = tl.load(QMean + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=block_ok[:, None],
+                     other=0.0)  # fmt: skip
+    w_off = offs_d[:, None] * HEAD_DIM + offs_d[None, :]
+    wq = tl.load(Wq + h.to(tl.int64) * HEAD_DIM * HEAD_DIM + w_off)
+    wk = tl.load(Wk + g.to(tl.int64) * HEAD_DIM * HEAD_DIM + w_off)
+    q_eff = tl.dot(q_mean, wq, input_precision=PRECISION)
+    q_eff = tl.dot(q_eff, tl.trans(wk), input_precision=PRECISION) * scale
 
     # Window column w is page w of the history slots (w < hist_cols) or of the chunk.
-    in_hist = cols < hist_cols
-    in_chunk = (cols >= hist_cols) & (cols < window_cols)
-    hist_page = tl.load(
-        FramePages + b.to(tl.int64) * stride_fb + g.to(tl.int64) * stride_fh + cols,
-        mask=in_hist, other=0,
-    )  # fmt: skip
-    chunk_page = tl.load(
-        ChunkPages + b.to(tl.int64) * stride_cb + g.to(tl.int64) * stride_ch + cols - hist_cols,
-        mask=in_chunk, other=0,
-    )  # fmt: skip
-    # an empty history slot's id is meaningless: read some page, the table ignores it
-    page = tl.minimum(tl.maximum(tl.where(in_chunk, chunk_page, hist_page), 0), num_pages - 1)
+    frame_base = FramePages + b.to(tl.int64) * stride_fb + g.to(tl.int64) * stride_fh
+    chunk_base = ChunkPages + b.to(tl.int64) * stride_cb + g.to(tl.int64) * stride_ch
     reps_base = KeyReps + (b * (num_heads // group) + g).to(tl.int64) * num_pages * HEAD_DIM
-    reps = tl.load(reps_base + page[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :])
-    scores = tl.dot(q_eff, tl.trans(reps), input_precision="ieee")
-    out = Scores + q_rows[:, None] * window_cols + cols[None, :]
-    tl.store(out, scores, mask=block_ok[:, None] & (cols < window_cols)[None, :])
+    for step in tl.static_range(COL_STEPS):
+        cols = (tl.program_id(2) * COL_STEPS + step) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        in_hist = cols < hist_cols
+        in_chunk = (cols >= hist_cols) & (cols < window_cols)
+        hist_page = tl.load(frame_base + cols, mask=in_hist, other=0)
+        chunk_page = tl.load(chunk_base + cols - hist_cols, mask=in_chunk, other=0)
+        # an empty history slot's id is meaningless: read some page, the table ignores it
+        page = tl.where(in_chunk, chunk_page, hist_page)
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
+        reps = tl.load(reps_base + page[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :])
+        scores = tl.dot(q_eff, tl.trans(reps), input_precision=PRECISION)
+        out = Scores + q_rows[:, None] * window_cols + cols[None, :]
+        tl.store(out, scores, mask=block_ok[:, None] & (cols < window_cols)[None, :])
 
 
 @triton.jit
@@ -285,22 +282,21 @@ def persistent_local_table(
     rows = batch * heads * num_q_blocks
     device = q.device
 
-    q_eff = torch.empty(batch, heads, num_q_blocks, head_dim, device=device)
-    _query_kernel[(num_q_blocks, batch * heads)](
-        q, wq, wk, q_eff, q.stride(0), q.stride(1), q.stride(2),
-        heads, group, q_len, num_q_blocks, 1.0 / math.sqrt(head_dim),
-        Q_BLOCK=g.q_block, HEAD_DIM=head_dim, POOL_ROWS=min(POOL_ROWS, g.q_block),
-        num_warps=8 if head_dim >= 128 else 4,
+    q_mean = torch.empty(batch, heads, num_q_blocks, head_dim, device=device)
+    _pool_queries_kernel[(num_q_blocks, batch * heads)](
+        q, q_mean, q.stride(0), q.stride(1), q.stride(2), heads, q_len, num_q_blocks,
+        Q_BLOCK=g.q_block, HEAD_DIM=head_dim, POOL_ROWS=min(POOL_ROWS, g.q_block), num_warps=4,
     )  # fmt: skip
 
     scores = torch.empty(batch, heads, num_q_blocks, window_cols, device=device)
-    grid = (triton.cdiv(num_q_blocks, GROUP_M), batch * heads, triton.cdiv(window_cols, BLOCK_COLS))
-    _window_scores_kernel[grid](
-        q_eff, key_reps, frame_pages, chunk_pages, scores,
+    col_split = triton.cdiv(window_cols, BLOCK_COLS * COL_STEPS)
+    _window_scores_kernel[(triton.cdiv(num_q_blocks, GROUP_M), batch * heads, col_split)](
+        q_mean, wq, wk, key_reps, frame_pages, chunk_pages, scores,
         frame_pages.stride(0), frame_pages.stride(1),
         chunk_pages.stride(0), chunk_pages.stride(1),
-        heads, group, num_q_blocks, hist_cols, window_cols, num_pages,
-        HEAD_DIM=head_dim, GROUP_M=GROUP_M, BLOCK_COLS=BLOCK_COLS, num_warps=4,
+        heads, group, num_q_blocks, hist_cols, window_cols, num_pages, 1.0 / math.sqrt(head_dim),
+        HEAD_DIM=head_dim, GROUP_M=GROUP_M, BLOCK_COLS=BLOCK_COLS, COL_STEPS=COL_STEPS,
+        num_warps=4,
     )  # fmt: skip
 
     num_persistent = persistent.shape[2]

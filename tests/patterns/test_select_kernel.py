@@ -80,7 +80,7 @@ def window_scores64(view):
     """float64 scores [H, Mq, Nw] of the window columns (history slots, then the chunk)."""
     q = pool_query_blocks(view.queries.double(), view.geometry.q_block)[0].cpu()
     scorer = view.scorer or BlockScorer(view.num_heads, view.num_kv_heads, q.shape[-1])
-    window = torch.cat([view.frame_pages.flatten(2), view.chunk_pages.flatten(2)], -1)[0]
+    window = torch.cat([view.frame_pages.flatten(2), view.chunk_pages.flatten(2)], -1)[0].cpu()
     k = (
         view.key_reps[0]
         .double()
