@@ -41,8 +41,8 @@ GROUP_M = 16
 # Window pages per step of a scoring program, and steps per program.
 BLOCK_COLS = 64
 COL_STEPS = 2
-# Query rows pooled per step of the pooling loop.
-POOL_ROWS = 32
+# Most elements of q a pooling program loads per step (whole blocks of up to 128 x 128).
+POOL_TILE = 16384
 # Widest candidate row (persistent + window pages) the table kernel holds in registers, and
 # the largest pool whose page ids it can order by marking them in a bitmap.
 MAX_COLUMNS = 4096
@@ -285,7 +285,8 @@ def persistent_local_table(
     q_mean = torch.empty(batch, heads, num_q_blocks, head_dim, device=device)
     _pool_queries_kernel[(num_q_blocks, batch * heads)](
         q, q_mean, q.stride(0), q.stride(1), q.stride(2), heads, q_len, num_q_blocks,
-        Q_BLOCK=g.q_block, HEAD_DIM=head_dim, POOL_ROWS=min(POOL_ROWS, g.q_block), num_warps=4,
+        Q_BLOCK=g.q_block, HEAD_DIM=head_dim, POOL_ROWS=min(g.q_block, POOL_TILE // head_dim),
+        num_warps=8,
     )  # fmt: skip
 
     scores = torch.empty(batch, heads, num_q_blocks, window_cols, device=device)
@@ -301,6 +302,7 @@ def persistent_local_table(
 
     num_persistent = persistent.shape[2]
     pool_pages = _padded(num_pages)
+    columns = _padded(num_persistent + window_cols)
     marks = torch.empty(rows, pool_pages, device=device, dtype=torch.int8)
     counts = torch.empty(batch, heads, num_q_blocks, device=device, dtype=torch.int32)
     indices = torch.empty(batch, heads, num_q_blocks, max_blocks, device=device, dtype=torch.int32)
@@ -311,7 +313,9 @@ def persistent_local_table(
         chunk_pages.stride(1), persistent.stride(0), persistent.stride(1),
         heads, group, q_len, num_q_blocks, num_persistent, hist_cols, window_cols,
         g.pages_per_frame, g.tokens_per_frame, top_k, max_blocks,
-        Q_BLOCK=g.q_block, COLUMNS=_padded(num_persistent + window_cols), POOL_PAGES=pool_pages,
-        FORCE_OWN=force_own_frame, num_warps=4,
+        Q_BLOCK=g.q_block, COLUMNS=columns, POOL_PAGES=pool_pages, FORCE_OWN=force_own_frame,
+        # few warps: the radix select is 32 reductions in a row, and a reduction within a
+        # warp needs no shared memory or barrier
+        num_warps=2 if columns <= 1024 else 4,
     )  # fmt: skip
     return BlockTable(counts, indices, g.q_block, g.page_size)
