@@ -103,9 +103,10 @@ _TILES = ((64, 4), (128, 8))
 
 def candidate_configs(p: Problem) -> list[LaunchConfig]:
     """The search space, pruned by divisibility and the device's shared memory:
-    tiles of _TILES whose block_m divides q_block, 2-4 pipeline stages, pointer loads and
-    (on Hopper) TMA loads of whole pages or of 64-key half steps (half the shared memory per
-    stage, so two programs can share an SM), in launch order or longest-first order.
+    tiles of _TILES whose block_m divides q_block (else one tile of q_block rows), 2-4
+    pipeline stages, pointer loads and (on Hopper) TMA loads of whole pages or of 64-key half
+    steps (half the shared memory per stage, so two programs can share an SM), in launch
+    order or longest-first order.
 
     Warp specialisation is not a default candidate: Triton 3.6 fails to compile it for
     4 warps and it measured no gain at 8 warps on H100 (pass configs= to try it)."""
@@ -115,9 +116,9 @@ def candidate_configs(p: Problem) -> list[LaunchConfig]:
         variants += [dict(tma=True, block_n=n, scheduled=s) for n in steps for s in (False, True)]
     limit = torch.cuda.get_device_properties(p.q.device).shared_memory_per_block_optin
     configs = []
-    for block_m, warps in _TILES:
-        if p.q_block % block_m:
-            continue
+    # a q_block under 64 rows gets one tile of its own size
+    tiles = [(m, w) for m, w in _TILES if p.q_block % m == 0] or [(p.q_block, 4)]
+    for block_m, warps in tiles:
         for stages in (2, 3, 4):
             for variant in variants:
                 c = LaunchConfig(block_m, warps, stages, **variant)
