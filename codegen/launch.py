@@ -26,7 +26,6 @@ class LaunchConfig:
     warp_specialize: bool = False
     scheduled: bool = False
     block_n: int | None = None  # keys per step; None: one page per step
-    overlap: bool = False  # softmax of a step overlapped with the previous step's P·V
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,7 +59,6 @@ def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
         tma=config.tma,
         warp_specialize=config.warp_specialize,
         scheduled=config.scheduled,
-        overlap=config.overlap,
     )
 
 

@@ -41,8 +41,6 @@ class KernelSpec:
     tma: load tiles with Hopper tensor descriptors (TMA) instead of pointer loads.
     warp_specialize: ask Triton to warp-specialise the kv loop (tma kernels only).
     scheduled: programs take their tile from a launcher-made longest-first schedule.
-    overlap: software-pipeline the kv loop so that each step's softmax overlaps the previous
-        step's P·V on the tensor cores (tma kernels only).
     """
 
     block_m: int = 128
@@ -59,7 +57,6 @@ class KernelSpec:
     tma: bool = False
     warp_specialize: bool = False
     scheduled: bool = False
-    overlap: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "page_size", "q_block"):
@@ -87,18 +84,11 @@ class KernelSpec:
             )
         if self.layout not in ("BLHD", "BHLD"):
             raise ValueError(f"KernelSpec.layout: expected 'BLHD' or 'BHLD', got {self.layout!r}")
-        flags = ("paged", "partial", "return_lse", "tma", "warp_specialize", "scheduled", "overlap")
-        for name in flags:
+        for name in ("paged", "partial", "return_lse", "tma", "warp_specialize", "scheduled"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KernelSpec.{name}: expected a bool")
         if self.warp_specialize and not self.tma:
             raise ValueError("KernelSpec.warp_specialize: only supported with tma=True")
-        if self.overlap and not self.tma:
-            raise ValueError("KernelSpec.overlap: only supported with tma=True")
-        if self.overlap and self.warp_specialize:
-            raise ValueError(
-                "KernelSpec.overlap: the loop is pipelined by hand, not with warp_specialize"
-            )
 
     @property
     def name(self) -> str:
@@ -112,7 +102,6 @@ class KernelSpec:
                 ("t", self.tma),
                 ("w", self.warp_specialize),
                 ("s", self.scheduled),
-                ("o", self.overlap),
             )
             if on
         )

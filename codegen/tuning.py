@@ -106,7 +106,7 @@ def candidate_configs(p: Problem) -> list[LaunchConfig]:
     tiles of _TILES whose block_m divides q_block (else one tile of q_block rows), 2-4
     pipeline stages, pointer loads and (on Hopper) TMA loads of whole pages or of 64-key half
     steps (half the shared memory per stage, so two programs can share an SM), in launch
-    order or longest-first order, and TMA with the software-pipelined (overlap) loop.
+    order or longest-first order.
 
     Warp specialisation is not a default candidate: Triton 3.6 fails to compile it for
     4 warps and it measured no gain at 8 warps on H100 (pass configs= to try it)."""
@@ -114,7 +114,6 @@ def candidate_configs(p: Problem) -> list[LaunchConfig]:
     if supports_tma(p.q.device):
         steps = [None] + ([64] if p.page_size > 64 else [])
         variants += [dict(tma=True, block_n=n, scheduled=s) for n in steps for s in (False, True)]
-        variants.append(dict(tma=True, overlap=True))
     limit = torch.cuda.get_device_properties(p.q.device).shared_memory_per_block_optin
     configs = []
     # a q_block under 64 rows gets one tile of its own size

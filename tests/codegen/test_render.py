@@ -13,8 +13,6 @@ from codegen.spec import KernelSpec
     [
         KernelSpec(),
         KernelSpec(tma=True, warp_specialize=True, dtype="float32"),
-        KernelSpec(tma=True, overlap=True, paged=False),
-        KernelSpec(tma=True, overlap=True, partial=False, block_n=64),
         KernelSpec(paged=False, layout="BHLD", return_lse=False, block_m=64, head_dim=64),
     ],
     ids=lambda s: s.name,

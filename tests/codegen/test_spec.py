@@ -22,8 +22,6 @@ from codegen.spec import KernelSpec
         (dict(dtype="float64"), "dtype"),
         (dict(layout="BSHD"), "layout"),
         (dict(warp_specialize=True, tma=False), "warp_specialize"),
-        (dict(overlap=True, tma=False), "overlap"),
-        (dict(overlap=True, tma=True, warp_specialize=True), "overlap"),
         (dict(paged=1), "paged"),
     ],
 )
@@ -55,7 +53,6 @@ def test_every_field_changes_name_and_digest():
         dict(tma=True),
         dict(tma=True, warp_specialize=True),
         dict(scheduled=True),
-        dict(tma=True, overlap=True),
     ]
     names = {base.name} | {dataclasses.replace(base, **v).name for v in variants}
     digests = {base.digest()} | {dataclasses.replace(base, **v).digest() for v in variants}
