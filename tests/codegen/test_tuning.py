@@ -63,6 +63,15 @@ def test_key_names_device_versions_and_structure():
         assert field in key
 
 
+def test_width_buckets_are_tight_and_monotone():
+    buckets = [at._width_bucket(n) for n in range(1, 600)]
+    assert all(b >= n for n, b in zip(range(1, 600), buckets, strict=True))
+    assert all(b <= max(2, 1.5 * n) for n, b in zip(range(1, 600), buckets, strict=True))
+    assert buckets == sorted(buckets)
+    # the paper's 6.25 % and 25 % windows (about 69 and 108 pages) get different records
+    assert at._width_bucket(69) != at._width_bucket(108)
+
+
 def test_interpreter_gets_one_config_without_timing(monkeypatch):
     monkeypatch.setattr(at.triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed"))
     args = small_inputs(q_block=32, seed=1)
