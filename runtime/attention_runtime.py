@@ -135,7 +135,10 @@ class AttentionRuntime(nn.Module):
         if pool is not None and layout == self._pool_layout:
             pool.clear()  # the same layout again: keep the buffers (and CUDA graphs over them)
         else:
-            self._cursor.pool = pool = None  # free the old pool before allocating the new one
+            # drop both references to the old pool, so its buffers are freed before the new
+            # ones are allocated
+            self._cursor.pool = None
+            del pool
             pool = PagePool(
                 self.geometry,
                 batch_size,
@@ -312,7 +315,8 @@ class StatefulRunner(nn.Module):
             if not graphed:
                 return self.chunk_fn(x, timestep, context, start_frame)
             return self.graphs.run(
-                (commit, runtime.signature()),
+                "commit" if commit else "denoise",
+                runtime.signature(),
                 lambda *inputs: self.chunk_fn(*inputs, runtime.start),
                 (x, timestep, context),
                 before_capture=runtime.invalidate_layouts,

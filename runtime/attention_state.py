@@ -281,7 +281,7 @@ class AttentionState(nn.Module):
             backend=self._cursor.backend,
         )
         if self._cursor.phase == "commit":
-            self._commit(pool, view.pooled_queries() if self.pattern.needs_scores else None)
+            self._commit(pool, view)
         return out
 
     # -- commit -----------------------------------------------------------------------------
@@ -317,8 +317,9 @@ class AttentionState(nn.Module):
             new=len(keep_new) * ppf,
         )
 
-    def _commit(self, pool: PagePool, query_reps: Tensor | None) -> None:
-        """Move the chunk from scratch into the cache; evict; update the persistent set."""
+    def _commit(self, pool: PagePool, view: CacheView) -> None:
+        """Move the chunk from scratch into the cache; evict; update the persistent set
+        (scored with this pass's clean queries, pooled from ``view``)."""
         plan = self._commit_plan(pool)
         g = self.geometry
         f, ppf = g.frames_per_chunk, g.pages_per_frame
@@ -338,7 +339,7 @@ class AttentionState(nn.Module):
                 self._num_persistent,
                 evicted_ids,
                 pool.key_reps,
-                query_reps,
+                view.pooled_queries() if self.pattern.needs_scores else None,
                 self.scorer,
             )
             if (kept, freed.shape[-1]) != (plan.kept, plan.freed):
@@ -360,9 +361,11 @@ class AttentionState(nn.Module):
         self._frame_pages[:, :, :n] = torch.cat(
             [kept_history, new_pages.view(b, hkv, len(plan.keep_new), ppf)], dim=2
         )
-        chunk_frames = self._cursor.start + torch.arange(f, device=pool.device)
         self._frame_index_buffer[:n] = torch.cat(
-            [_take(self._frame_index, 0, plan.keep_old), _take(chunk_frames, 0, plan.keep_new)]
+            [
+                _take(self._frame_index, 0, plan.keep_old),
+                _take(view.chunk_frames(), 0, plan.keep_new),
+            ]
         )
         self._finish_commit(plan)
 

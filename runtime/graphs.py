@@ -23,7 +23,7 @@ output is copied out at once), so their activations may overlap.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -70,19 +70,21 @@ class PassGraphs:
 
     def run(
         self,
-        key: tuple,
+        phase: Hashable,
+        signature: Hashable,
         pass_fn: Callable[..., Tensor],
         inputs: tuple[Tensor, ...],
         before_capture: Callable[[], None],
         after_replay: Callable[[], None],
     ) -> Tensor:
         """One pass: ``pass_fn(*inputs)`` eagerly, captured or replayed (see the module
-        docstring). ``key``: ``(phase, signature)``. ``before_capture`` drops host-side memos
-        of device values (a capture must compute them inside the graph); ``after_replay``
-        redoes the host side effects of a replayed pass (a capture ran them already).
-        Returns a fresh output tensor."""
+        docstring). A graph is keyed by ``phase``, the runtime's ``signature`` and the input
+        shapes; the first pass of each phase and input shape runs eagerly. ``before_capture``
+        drops host-side memos of device values (a capture must compute them inside the
+        graph); ``after_replay`` redoes the host side effects of a replayed pass (a capture ran
+        them already). Returns a fresh output tensor."""
         metas = tuple(_meta(t) for t in inputs)
-        key = (key, metas)
+        key = (phase, signature, metas)
         entry = self._graphs.get(key)
         if entry is not None:
             self._graphs.move_to_end(key)
@@ -93,7 +95,7 @@ class PassGraphs:
             self.replays += 1
             after_replay()
             return entry.output.clone()
-        warm = (key[0][0], metas)  # the phase and the input shapes
+        warm = (phase, metas)
         if warm not in self._warm:
             output = pass_fn(*inputs)
             self._warm.add(warm)  # only after a pass that succeeded eagerly
