@@ -205,7 +205,7 @@ def _table_kernel(
     marked = tl.load(marks + offs_pool) != 0
     slot = tl.cumsum(marked.to(tl.int32), 0) - 1
     out = Indices + row * max_blocks
-    tl.store(out + slot, offs_pool, mask=marked)
+    tl.store(out + slot, offs_pool, mask=marked & (slot < max_blocks))
     count = tl.sum(marked.to(tl.int32), 0)
     tl.store(out + n, tl.zeros([COLUMNS], dtype=tl.int32), mask=(n >= count) & (n < max_blocks))
     tl.store(NumBlocks + row, count)
@@ -254,6 +254,8 @@ def persistent_local_table(
             f"queries must be [B, {g.chunk_tokens}, {view.num_heads}, D] (one chunk), "
             f"got {list(q.shape)}"
         )
+    if q.stride(-1) != 1:  # the pooling kernel reads a row's head_dim as one run
+        q = q.contiguous()
     scorer = default_scorer(view.scorer, heads, kv_heads, head_dim, q.device)
     wq = scorer.wq.detach().float().contiguous()
     wk = scorer.wk.detach().float().contiguous()

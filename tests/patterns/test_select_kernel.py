@@ -204,6 +204,19 @@ def test_large_and_negative_scores_order_like_floats():
             assert sorted(table.kv_indices[0, 0, m].tolist()) == sorted(window[0, best].tolist())
 
 
+def test_strided_queries_give_the_same_table():
+    view = make_view(
+        GEOMETRIES[1], [0, 1], 2, kv_heads=2, group=2, dim=16, slots=2, num_persistent=2, seed=7,
+    )  # fmt: skip
+    # the same values with a non-unit stride on head_dim
+    strided = torch.empty(*view.queries.shape, 2, device=DEVICE)[..., 0]
+    strided.copy_(view.queries)
+    a = persistent_local_table(view, 3, 2 + 3 + 2 * GEOMETRIES[1].pages_per_frame, True)
+    b = persistent_local_table(dataclasses.replace(view, queries=strided), 3, a.max_blocks, True)
+    assert torch.equal(a.kv_num_blocks, b.kv_num_blocks)
+    assert torch.equal(a.kv_indices, b.kv_indices)
+
+
 def test_fused_path_is_only_taken_on_cuda_with_queries():
     view = make_view(
         GEOMETRIES[0], [0], 1, kv_heads=1, group=1, dim=16, slots=0, num_persistent=0, seed=0,
