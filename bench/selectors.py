@@ -158,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         for density in case.densities:
             counts, idx = build_table(case, density, dev)
-            args, kw = (q, k, v, counts, idx), dict(q_block=Q_BLOCK, page_size=PAGE)
+            call, kw = (q, k, v, counts, idx), dict(q_block=Q_BLOCK, page_size=PAGE)
             # the overhead is measured against the tuned kernel, the demanding comparison
-            codegen.autotune(*args, **kw, return_lse=False, progress=False)
+            codegen.autotune(*call, **kw, return_lse=False, progress=False)
             pbsa_ms = time_ms(
-                lambda args=args, kw=kw: codegen.pbsa_attention(*args, **kw, return_lse=False)
+                lambda call=call, kw=kw: codegen.pbsa_attention(*call, **kw, return_lse=False)
             )
             fused_table = persistent_local(case, density, q, k)()
             torch_table = persistent_local(case, density, q, k, fused=False)()
