@@ -23,7 +23,6 @@ same shape.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -39,8 +38,9 @@ __all__ = ["fused_select_supported", "persistent_local_table"]
 
 # Query blocks per scoring program: the M of its matrix products (tl.dot needs >= 16).
 GROUP_M = 16
-# Window pages per step of a scoring program.
+# Window pages per step of a scoring program, and steps per program.
 BLOCK_COLS = 64
+COL_STEPS = 2
 # Most elements of q a pooling program loads per step (whole blocks of up to 128 x 128).
 POOL_TILE = 16384
 # Widest candidate row (persistent + window pages) the table kernel holds in registers, and
@@ -211,13 +211,6 @@ def _table_kernel(
     tl.store(NumBlocks + row, count)
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter: any split is right
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _padded(count: int) -> int:
     return max(16, triton.next_power_of_2(count))
 
@@ -299,18 +292,13 @@ def persistent_local_table(
     )  # fmt: skip
 
     scores = torch.empty(batch, heads, num_q_blocks, window_cols, device=device)
-    # A scoring program holds both weight matrices in shared memory, so one runs per SM:
-    # split the window pages over just enough programs to fill the SMs once.
-    groups, col_tiles = triton.cdiv(num_q_blocks, GROUP_M), triton.cdiv(window_cols, BLOCK_COLS)
-    col_split = max(1, min(col_tiles, _sm_count(device) // (groups * batch * heads)))
-    col_steps = triton.cdiv(col_tiles, col_split)
-    col_split = triton.cdiv(col_tiles, col_steps)
-    _window_scores_kernel[(groups, batch * heads, col_split)](
+    col_split = triton.cdiv(window_cols, BLOCK_COLS * COL_STEPS)
+    _window_scores_kernel[(triton.cdiv(num_q_blocks, GROUP_M), batch * heads, col_split)](
         q_mean, wq, wk, key_reps, frame_pages, chunk_pages, scores,
         frame_pages.stride(0), frame_pages.stride(1),
         chunk_pages.stride(0), chunk_pages.stride(1),
         heads, group, num_q_blocks, hist_cols, window_cols, num_pages, 1.0 / math.sqrt(head_dim),
-        HEAD_DIM=head_dim, GROUP_M=GROUP_M, BLOCK_COLS=BLOCK_COLS, COL_STEPS=col_steps,
+        HEAD_DIM=head_dim, GROUP_M=GROUP_M, BLOCK_COLS=BLOCK_COLS, COL_STEPS=COL_STEPS,
         num_warps=4,
     )  # fmt: skip
 
