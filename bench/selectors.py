@@ -11,7 +11,7 @@ query block's top-K window pages, add the persistent pages and the own frames, e
 table. The per-chunk layout is memoised as in the eager runtime (built once, reused by the
 passes).
 
-On CUDA the pattern builds the table with the two fused kernels of `patterns.select_kernel`
+On CUDA the pattern builds the table with the three fused kernels of `patterns.select_kernel`
 (it reads the raw queries and the cache's layout buffers directly). `python -m bench.selectors`
 times it eagerly (`select_ms`) and as the runtime runs it, replayed from a CUDA graph
 (`select_graph_ms`): the device time of table building without the Python and launch cost.
@@ -44,7 +44,7 @@ def persistent_local(
 ) -> Callable[[], object]:
     """The default pattern's selection at this case's shape; q [1, Lq, H, D], k [1, Lk, H, D].
     fresh_layout: rebuild the per-chunk layout at every call (as a graph replay does).
-    fused: give the pattern the raw queries, so on CUDA it takes the two-kernel path
+    fused: give the pattern the raw queries, so on CUDA it takes the fused-kernel path
     (`patterns.select_kernel`); False pools them first and runs the torch path."""
     g = default_geometry(case.tokens_per_frame)
     persistent = case.persistent_tokens // g.page_size

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from codegen.problem import Problem, validate
+
 
 def random_table(
     counts: Tensor,
@@ -108,3 +110,8 @@ def small_inputs(**overrides) -> dict:
     """`random_inputs` of a small GQA case (2 query heads on 1 kv head, 40 queries, 3 pages
     of 16), with any argument overridden."""
     return random_inputs(**{**SMALL, **overrides})
+
+
+def sample_problem(args: dict) -> Problem:
+    """The validated `Problem` of `random_inputs`' arguments (default scale)."""
+    return validate(**{**args, "page_lens": args.get("page_lens")}, scale=None)

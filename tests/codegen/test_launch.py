@@ -6,9 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codegen.launch import LaunchConfig, pbsa_triton, supports_tma
-from codegen.problem import validate
 from codegen.reference import pbsa_reference
-from codegen.samples import random_inputs, small_inputs
+from codegen.samples import random_inputs, sample_problem, small_inputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -27,20 +26,6 @@ if HOPPER:
         LaunchConfig(block_m=64, num_warps=4, num_stages=3, block_n=16),
         LaunchConfig(block_m=128, num_warps=8, num_stages=2, tma=True, warp_specialize=True),
     ]
-
-
-def problem_of(args):
-    kw = {k: args[k] for k in ("layout", "q_block", "page_size")}
-    return validate(
-        args["q"],
-        args["k"],
-        args["v"],
-        args["kv_num_blocks"],
-        args["kv_indices"],
-        args.get("page_lens"),
-        scale=None,
-        **kw,
-    )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
@@ -69,7 +54,7 @@ def test_every_element_written_and_correct(config, paged, layout, dtype, seed):
         seed=seed,
         device=DEVICE,
     )
-    p = problem_of(args)
+    p = sample_problem(args)
     out = torch.full_like(args["q"], float("nan"))
     lse = torch.full((2, 4, q_len), float("nan"), device=DEVICE)
     pbsa_triton(p, config=config, interpret=not CUDA, out=out, lse=lse)
@@ -109,7 +94,7 @@ def test_new_lengths_and_tables_reuse_the_compiled_kernel(tma):
                 seed=seed,
                 device=DEVICE,
             )
-            p = problem_of(args)
+            p = sample_problem(args)
             pbsa_triton(p, config=config)
             kernel = get_kernel(spec_for(p, config, True))
             sizes.append(sum(len(c[0]) for c in kernel.device_caches.values()))
@@ -121,8 +106,8 @@ def test_schedule_of_one_table_follows_the_query_length():
     from codegen.launch import _schedule
 
     args = small_inputs(q_len=100, q_block=128, seed=2, device=DEVICE)
-    long = problem_of(args)
-    short = problem_of({**args, "q": args["q"][:, :40]})
+    long = sample_problem(args)
+    short = sample_problem({**args, "q": args["q"][:, :40]})
     assert short.kv_num_blocks is long.kv_num_blocks
     for p in (long, short, long):
         order = _schedule(p, 32)

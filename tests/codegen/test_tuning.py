@@ -5,34 +5,23 @@ import torch
 
 import codegen.tuning as at
 from codegen.launch import LaunchConfig
-from codegen.problem import validate
-from codegen.samples import random_inputs, small_inputs
+from codegen.samples import random_inputs, sample_problem, small_inputs
 
 
 def problem(q_len: int, num_pages: int = 4, **kw):
-    args = random_inputs(
-        batch=1,
-        heads=2,
-        kv_heads=1,
-        q_len=q_len,
-        head_dim=16,
-        page_size=16,
-        q_block=32,
-        num_pages=num_pages,
-        seed=0,
-        **kw,
-    )
-    return validate(
-        args["q"],
-        args["k"],
-        args["v"],
-        args["kv_num_blocks"],
-        args["kv_indices"],
-        args["page_lens"],
-        scale=None,
-        layout="BLHD",
-        q_block=32,
-        page_size=16,
+    return sample_problem(
+        random_inputs(
+            batch=1,
+            heads=2,
+            kv_heads=1,
+            q_len=q_len,
+            head_dim=16,
+            page_size=16,
+            q_block=32,
+            num_pages=num_pages,
+            seed=0,
+            **kw,
+        )
     )
 
 

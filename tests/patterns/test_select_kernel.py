@@ -1,4 +1,4 @@
-"""The fused PersistentLocal selection (two Triton kernels; interpreted on CPU, compiled on a
+"""The fused PersistentLocal selection (three Triton kernels; interpreted on CPU, compiled on a
 GPU) against the torch path and a float64 brute force."""
 
 import dataclasses
