@@ -222,8 +222,10 @@ def run_case(
             print(f"sdpa {name}: unavailable ({str(err)[:80]})", file=sys.stderr)
     sdpa_name = min(sdpa_ms, key=sdpa_ms.get)
 
+    sdpa_backend = sdpa_backends()[sdpa_name]
+
     def sdpa() -> None:
-        with sdpa_kernel([sdpa_backends()[sdpa_name]]):
+        with sdpa_kernel([sdpa_backend]):
             F.scaled_dot_product_attention(qt, kt, vt)
 
     # Per density: the table, flex's block mask, the tuned PBSA configs and their errors.
