@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from patterns.files import write_text_atomic
+
 
 def device_record() -> dict:
     """What every benchmark JSON names: card, versions, date."""
@@ -42,9 +44,7 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> fl
 def write_json(path: str | Path | None, payload: dict) -> None:
     if path is None:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=str))
+    write_text_atomic(path, json.dumps(payload, indent=1, default=str))
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from patterns import selection
+from patterns.files import atomic_path
 from patterns.scoring import block_attention_mass, query_block_rows
 
 __all__ = [
@@ -147,7 +148,8 @@ def plot_recall_heatmap(
             colour = "black" if value > 0.6 else "white"
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
     fig.colorbar(image, ax=ax, label="recall (fraction of dense attention mass kept)")
-    fig.savefig(os.fspath(path))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
 
 
 def plot_block_mask(
@@ -184,4 +186,5 @@ def plot_block_mask(
         ax.set_title(title)
     ax.set_xlabel("key block (page)")
     ax.set_ylabel("query block")
-    fig.savefig(os.fspath(path))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)

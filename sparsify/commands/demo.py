@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from patterns import plot_block_mask
+from patterns.files import atomic_path
 from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forcing_cache
 from runtime.block_map import BlockMap, block_map
 from runtime.model_config import PRESETS
@@ -142,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         title=f"layer 0, head 0, chunk at frame {bmap.chunk_start}: {persistent} persistent "
         f"pages | frames {min(f for f in frames if f >= 0)}–{max(frames)}",
     )
-    iio.imwrite(gif_path, side_by_side(dense_latents[0], sparse_latents[0]), duration=250, loop=0)
+    with atomic_path(gif_path) as tmp:
+        iio.imwrite(tmp, side_by_side(dense_latents[0], sparse_latents[0]), duration=250, loop=0)
 
     rows = [
         ("rollout", "seconds", "peak KV", "KV vs dense", "rel. diff"),

@@ -122,7 +122,7 @@ def test_signature_depends_on_history_relative_to_the_chunk(tiny):
     assert state.signature() != first
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_graphed_rollout_equals_the_eager_rollout(tiny, name):
     """Captures and replays (within a chunk and across the steady-state chunks, commit passes
@@ -146,7 +146,7 @@ def test_graphed_rollout_equals_the_eager_rollout(tiny, name):
     assert graph_host == eager_host and graph_peak == eager_peak
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu
 def test_a_second_rollout_of_the_same_shape_replays_every_pass(tiny):
     model, context = tiny
     cfg = model.config
@@ -168,7 +168,7 @@ def test_a_second_rollout_of_the_same_shape_replays_every_pass(tiny):
     assert not torch.equal(outs[1], outs[0])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu
 def test_graphed_runner_rejects_bad_input_without_touching_the_cache(tiny):
     model, context = tiny
     cfg = model.config
