@@ -1,7 +1,8 @@
 """Test-wide setup.
 
-The kernel cache lives in a temporary folder per test session. Without a GPU the Triton kernels run under the interpreter; TRITON_INTERPRET must be set
-before any kernel module is imported, so it is set here, at collection time.
+The kernel cache lives in a temporary folder per test session. Without a GPU the Triton
+kernels run under the interpreter; TRITON_INTERPRET must be set before any kernel module is
+imported, so it is set here, at collection time.
 """
 
 import atexit
