@@ -27,7 +27,7 @@ import torch
 
 from bench.common import format_table, sync
 from patterns import Dense
-from runtime import CausalWanModel, EagerRunner, StatefulRunner, WanConfig
+from runtime import CausalWanModel, EagerRunner, WanConfig, reference_runner
 from runtime.eager import SELF_FORCING_WINDOW_FRAMES, self_forcing_cache
 from sparsify import sparsify
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
@@ -93,7 +93,7 @@ def build_runner(name: str, model: CausalWanModel, config: WanConfig, context, n
     if name == "dense":
         return EagerRunner(model, self_forcing_cache(num_frames))
     if name == "sparse_eager":
-        return StatefulRunner.for_reference_model(
+        return reference_runner(
             model,
             pattern,
             page_size=geometry.page_size,

@@ -17,7 +17,11 @@ from torch import Tensor
 
 from patterns.checks import check_int
 
-__all__ = ["VideoGeometry", "token_block_frames"]
+__all__ = ["FRAMES_PER_CHUNK", "VideoGeometry", "token_block_frames"]
+
+# Latent frames per autoregressive chunk unless told otherwise: Self-Forcing's 3. The one
+# default of the geometry, the reference model's config and the rollout schedule.
+FRAMES_PER_CHUNK = 3
 
 
 def _is_pow2(value: int) -> bool:
@@ -57,7 +61,7 @@ class VideoGeometry:
     """
 
     tokens_per_frame: int
-    frames_per_chunk: int = 3
+    frames_per_chunk: int = FRAMES_PER_CHUNK
     page_size: int = 128
     q_block: int = 128
 
@@ -77,7 +81,7 @@ class VideoGeometry:
         height: int,
         width: int,
         patch: tuple[int, int] = (2, 2),
-        frames_per_chunk: int = 3,
+        frames_per_chunk: int = FRAMES_PER_CHUNK,
         page_size: int = 128,
         q_block: int = 128,
     ) -> VideoGeometry:

@@ -1,12 +1,13 @@
 """Running the sparse AR rollout: the reference model, the eager KV caches, the rollout driver."""
 
-from runtime.attention_runtime import AttentionRuntime, StatefulRunner, bind_reference_model
+from runtime.attention_runtime import AttentionRuntime, StatefulRunner
 from runtime.attention_state import AttentionState
+from runtime.bidirectional import FullSequenceAttention
 from runtime.eager import EagerRunner, GlobalCache, RollingCache, self_forcing_cache
-from runtime.full_sequence import FullSequenceAttention
 from runtime.model import CausalWanModel
 from runtime.model_config import WanConfig, wan_parameter_count
 from runtime.pool import PagePool
+from runtime.reference_runner import bind_reference_model, reference_runner
 from runtime.rollout import ChunkRunner, SelfForcingSchedule, generate
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "PagePool",
     "StatefulRunner",
     "bind_reference_model",
+    "reference_runner",
     "CausalWanModel",
     "ChunkRunner",
     "EagerRunner",

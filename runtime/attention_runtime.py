@@ -1,9 +1,9 @@
 """`AttentionRuntime` (the page pool and every layer's `AttentionState`) and `StatefulRunner`
-(any chunk-form model driven through the runtime, as a ``ChunkRunner``)."""
+(any chunk-form model driven through the runtime, as a ``ChunkRunner``; the reference model's
+is built by `runtime.reference_runner`)."""
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,16 +11,15 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from codegen.api import BACKENDS
 from patterns import Footprint, Pattern, VideoGeometry
 from patterns.checks import check_int
 from patterns.footprint import evaluate
-from runtime.attention_state import PHASES, AttentionState, RuntimeCursor
+from runtime.attention_state import PHASES, AttentionState, PassContext
+from runtime.checks import check_backend, check_layout, check_max_frames, check_reset_args
 from runtime.graphs import PassGraphs
-from runtime.model import CausalWanModel
 from runtime.pool import PagePool
 
-__all__ = ["AttentionRuntime", "StatefulRunner", "bind_reference_model"]
+__all__ = ["AttentionRuntime", "StatefulRunner"]
 
 
 class AttentionRuntime(nn.Module):
@@ -33,6 +32,8 @@ class AttentionRuntime(nn.Module):
     The pool holds ``pattern.footprint().peak_pages()`` pages for the run's chunk count: the
     exact peak of the rollout (bounded patterns reach their ``peak_bound_pages`` and stay).
     debug: validate every block table and every freed page (syncs with the device).
+    max_frames: the most frames a rollout may span (the model's positions; None: no limit):
+    ``reset`` rejects a longer one before touching the cache.
     """
 
     def __init__(
@@ -45,29 +46,19 @@ class AttentionRuntime(nn.Module):
         head_dim: int,
         backend: str = "auto",
         debug: bool = False,
+        max_frames: int | None = None,
     ):
         super().__init__()
-        if not isinstance(pattern, Pattern):
-            raise TypeError(f"pattern must be a patterns.Pattern, got {type(pattern).__name__}")
-        if not isinstance(geometry, VideoGeometry):
-            raise TypeError(f"geometry must be a VideoGeometry, got {type(geometry).__name__}")
-        for name, value in (
-            ("num_layers", num_layers),
-            ("num_heads", num_heads),
-            ("num_kv_heads", num_kv_heads),
-            ("head_dim", head_dim),
-        ):
-            check_int(value, name)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_layout(pattern, geometry, num_heads, num_kv_heads, head_dim)
+        check_int(num_layers, "num_layers")
+        check_backend(backend)
+        self._max_frames = check_max_frames(max_frames)
         pattern.check_geometry(geometry)
         self.pattern, self.geometry = pattern, geometry
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self._cursor = RuntimeCursor(backend=backend, debug=debug)
+        self._context = PassContext(backend=backend, debug=debug)
         self.states = nn.ModuleList(
-            AttentionState(pattern, geometry, num_heads, num_kv_heads, head_dim, self._cursor)
+            AttentionState(pattern, geometry, num_heads, num_kv_heads, head_dim, self._context)
             for _ in range(num_layers)
         )
         self._num_frames = 0
@@ -76,16 +67,21 @@ class AttentionRuntime(nn.Module):
         self._pool_layout: tuple | None = None
 
     @property
+    def max_frames(self) -> int | None:
+        """The most frames a rollout may span (None: no limit)."""
+        return self._max_frames
+
+    @property
     def footprint(self) -> Footprint:
         return self.pattern.footprint()
 
     @property
     def pool(self) -> PagePool | None:
-        return self._cursor.pool
+        return self._context.pool
 
     @property
     def backend(self) -> str:
-        return self._cursor.backend
+        return self._context.backend
 
     @property
     def committed_frames(self) -> int:
@@ -94,12 +90,12 @@ class AttentionRuntime(nn.Module):
 
     @property
     def current_kv_bytes(self) -> int:
-        pool = self._cursor.pool
+        pool = self._context.pool
         return 0 if pool is None else pool.current_bytes
 
     @property
     def peak_kv_bytes(self) -> int:
-        pool = self._cursor.pool
+        pool = self._context.pool
         return 0 if pool is None else pool.peak_bytes
 
     def pool_pages(self, num_frames: int) -> int:
@@ -113,16 +109,9 @@ class AttentionRuntime(nn.Module):
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype, num_frames: int
     ) -> None:
         """Empty the cache and size the pool for ``num_frames`` frames of ``batch_size``
-        videos (moves the scorers to ``device``)."""
-        check_int(batch_size, "batch_size")
-        check_int(num_frames, "num_frames")
+        videos (moves the scorers to ``device``). A rejected call changes nothing."""
         f = self.geometry.frames_per_chunk
-        if num_frames % f:
-            raise ValueError(
-                f"num_frames must be a multiple of frames_per_chunk={f}, got {num_frames}"
-            )
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+        check_reset_args(batch_size, dtype, num_frames, f, self.max_frames)
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -130,14 +119,14 @@ class AttentionRuntime(nn.Module):
         history = evaluate(
             self.footprint.history_frames, self.geometry, num_layers=len(self.states), chunks=chunks
         )
-        pool, num_pages = self._cursor.pool, self.pool_pages(num_frames)
-        layout = (batch_size, device, dtype, num_pages, self._cursor.debug)
+        pool, num_pages = self._context.pool, self.pool_pages(num_frames)
+        layout = (batch_size, device, dtype, num_pages, self._context.debug)
         if pool is not None and layout == self._pool_layout:
             pool.clear()  # the same layout again: keep the buffers (and CUDA graphs over them)
         else:
             # drop both references to the old pool, so its buffers are freed before the new
             # ones are allocated
-            self._cursor.pool = None
+            self._context.pool = None
             del pool
             pool = PagePool(
                 self.geometry,
@@ -148,24 +137,24 @@ class AttentionRuntime(nn.Module):
                 self.geometry.pages_per_chunk,
                 device=device,
                 dtype=dtype,
-                check=self._cursor.debug,
+                check=self._context.debug,
             )
             self._pool_layout = layout
-            self._cursor.start = torch.zeros((), dtype=torch.int64, device=device)
+            self._context.start = torch.zeros((), dtype=torch.int64, device=device)
         self.to(device)
-        self._cursor.pool, self._cursor.phase = pool, None
+        self._context.pool, self._context.phase = pool, None
         for state in self.states:
             state.reset(pool, history)
         self._num_frames, self._committed, self._broken = num_frames, 0, False
 
     def begin_chunk(self, start_frame: int) -> None:
         """Enter the chunk starting at ``start_frame`` (= the committed frame count)."""
-        if self._cursor.pool is None:
+        if self._context.pool is None:
             raise RuntimeError("AttentionRuntime.reset(...) must be called before running chunks")
         if self._broken:
             raise RuntimeError("a failed commit left the layers inconsistent; call reset(...)")
-        if self._cursor.phase is not None:
-            raise RuntimeError(f"a {self._cursor.phase} pass is still open")
+        if self._context.phase is not None:
+            raise RuntimeError(f"a {self._context.phase} pass is still open")
         start = operator.index(start_frame)
         if start != self._committed:
             raise ValueError(
@@ -174,22 +163,22 @@ class AttentionRuntime(nn.Module):
             )
         if start + self.geometry.frames_per_chunk > self._num_frames:
             raise ValueError(f"start_frame={start} runs past num_frames={self._num_frames}")
-        self._cursor.chunk_start = start
-        self._cursor.start.fill_(start)
+        self._context.chunk_start = start
+        self._context.start.fill_(start)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """One pass over the chunk entered by ``begin_chunk``: "denoise" or "commit"."""
         if name not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {name!r}")
-        if self._cursor.pool is None or self._broken:
+        if self._context.pool is None or self._broken:
             raise RuntimeError("reset(...) the runtime before running a pass")
-        if self._cursor.phase is not None:
-            raise RuntimeError(f"a {self._cursor.phase} pass is still open")
-        start = self._cursor.chunk_start
+        if self._context.phase is not None:
+            raise RuntimeError(f"a {self._context.phase} pass is still open")
+        start = self._context.chunk_start
         if start != self._committed:
             raise RuntimeError(f"begin_chunk({self._committed}) first")
-        self._cursor.phase = name
+        self._context.phase = name
         try:
             yield
         except BaseException:
@@ -204,7 +193,7 @@ class AttentionRuntime(nn.Module):
                     raise RuntimeError(f"commit pass ended without calling layers {missing}")
                 self._committed = start + self.geometry.frames_per_chunk
         finally:
-            self._cursor.phase = None
+            self._context.phase = None
 
     @contextmanager
     def chunk_pass(self, start_frame: int, commit: bool) -> Iterator[None]:
@@ -217,14 +206,14 @@ class AttentionRuntime(nn.Module):
 
     @property
     def start(self) -> Tensor:
-        """int64 0-dim device tensor: the current chunk's first frame (see ``RuntimeCursor``)."""
-        if self._cursor.start is None:
+        """int64 0-dim device tensor: the current chunk's first frame (see ``PassContext``)."""
+        if self._context.start is None:
             raise RuntimeError("AttentionRuntime.reset(...) must be called first")
-        return self._cursor.start
+        return self._context.start
 
     @property
     def debug(self) -> bool:
-        return self._cursor.debug
+        return self._context.debug
 
     def signature(self) -> tuple:
         """Every layer's ``AttentionState.signature()`` (see ``runtime.graphs``)."""
@@ -232,7 +221,7 @@ class AttentionRuntime(nn.Module):
 
     def buffer_addresses(self) -> tuple:
         """Where the device state lives (what a CUDA graph of a pass reads and writes)."""
-        pool, start = self._cursor.pool, self._cursor.start
+        pool, start = self._context.pool, self._context.start
         if pool is None or start is None:
             return ()
         tensors = [pool.k, pool.v, pool.page_lens, pool.key_reps, pool.used, start]
@@ -286,6 +275,11 @@ class StatefulRunner(nn.Module):
         self.graphs = PassGraphs()
 
     @property
+    def max_frames(self) -> int | None:
+        """The most frames a rollout may span: the runtime's limit (see `ChunkRunner`)."""
+        return self.runtime.max_frames
+
+    @property
     def current_kv_bytes(self) -> int:
         return self.runtime.current_kv_bytes
 
@@ -322,45 +316,3 @@ class StatefulRunner(nn.Module):
                 before_capture=runtime.invalidate_layouts,
                 after_replay=runtime.replay_commit if commit else lambda: None,
             )
-
-    @classmethod
-    def for_reference_model(
-        cls,
-        model: CausalWanModel,
-        pattern: Pattern,
-        *,
-        page_size: int = 128,
-        q_block: int = 128,
-        backend: str = "auto",
-        debug: bool = False,
-        cuda_graphs: bool = True,
-    ) -> StatefulRunner:
-        """A runner of a copy of the reference model with its self-attention on the runtime
-        (the model itself is left untouched)."""
-        if not isinstance(model, CausalWanModel):
-            raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
-        cfg = model.config
-        geometry = VideoGeometry(cfg.tokens_per_frame, cfg.frames_per_chunk, page_size, q_block)
-        runtime = AttentionRuntime(
-            pattern,
-            geometry,
-            cfg.num_layers,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            backend,
-            debug,
-        )
-        return cls(bind_reference_model(model, runtime), runtime, cuda_graphs)
-
-
-def bind_reference_model(model: CausalWanModel, runtime: AttentionRuntime) -> CausalWanModel:
-    """Deep copy of ``model`` whose layer i self-attention is ``runtime.states[i]``."""
-    if len(model.blocks) != len(runtime.states):
-        raise ValueError(
-            f"model has {len(model.blocks)} layers, the runtime {len(runtime.states)} states"
-        )
-    bound = copy.deepcopy(model)
-    for block, state in zip(bound.blocks, runtime.states, strict=True):
-        block.self_attn.attn = state
-    return bound

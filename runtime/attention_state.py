@@ -2,9 +2,8 @@
 
 Called with the current chunk's q, k, v (BLHD, post-RoPE) it writes k, v to the scratch
 pages, asks the pattern for a block table over (persistent ∪ history ∪ chunk) pages and runs
-the PBSA kernel. In the commit pass it then moves the chunk into the cache (see
-``patterns.footprint`` for the exact order of allocation and freeing, which the footprint
-formula counts).
+the PBSA kernel. In the commit pass it then moves the chunk into the cache
+(``runtime.commit``).
 """
 
 from __future__ import annotations
@@ -13,19 +12,21 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import codegen
-from patterns import BlockScorer, CacheView, Pattern, VideoGeometry
+from patterns import CacheView, Pattern, VideoGeometry
+from runtime.commit import CommitPlan, execute_commit, plan_commit, reserve_commit
+from runtime.layer import PatternLayer
 from runtime.pool import PagePool
 
-__all__ = ["AttentionState", "RuntimeCursor"]
+__all__ = ["AttentionState", "PassContext"]
 
 PHASES = ("denoise", "commit")
 
 
 @dataclass
-class RuntimeCursor:
+class PassContext:
     """Where the rollout is, shared (by reference) between a runtime and its states.
 
     pool: the page pool (None before ``reset``); phase: None outside a pass, else one of
@@ -43,53 +44,13 @@ class RuntimeCursor:
     debug: bool = False
 
 
-@dataclass(frozen=True)
-class CommitPlan:
-    """The host side of one layer's commit: which frames stay, and page counts per row.
+class AttentionState(PatternLayer):
+    """Self-attention of one layer over the paged cache (a `PatternLayer`: pattern,
+    geometry, heads and the layer's ``BlockScorer``).
 
-    keep_old / evict_old: positions in the history; keep_new / evict_new: positions in the
-    chunk; frames: the history afterwards (absolute frames); transient: pages allocated for
-    chunk frames that leave the window at once (they compete for persistence); evicted:
-    pages offered to the persistent set; kept: persistent pages afterwards; freed: pages
-    returned to the pool; new: pages allocated for the chunk's kept frames.
-    """
-
-    keep_old: list[int]
-    evict_old: list[int]
-    keep_new: list[int]
-    evict_new: list[int]
-    frames: list[int]
-    transient: int
-    evicted: int
-    kept: int
-    freed: int
-    new: int
-
-
-def _runs(values: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive ints as (first, stop)."""
-    runs: list[tuple[int, int]] = []
-    for v in values:
-        if runs and runs[-1][1] == v:
-            runs[-1] = (runs[-1][0], v + 1)
-        else:
-            runs.append((v, v + 1))
-    return runs
-
-
-def _take(x: Tensor, dim: int, index: list[int]) -> Tensor:
-    """``x.index_select(dim, index)`` as slices of runs: no host → device index copy."""
-    if not index:
-        return x.narrow(dim, 0, 0)
-    return torch.cat([x.narrow(dim, a, b - a) for a, b in _runs(index)], dim=dim)
-
-
-class AttentionState(nn.Module):
-    """Self-attention of one layer over the paged cache.
-
-    Holds the layer's ``BlockScorer`` (``self.scorer``, so gates are in the state_dict), its
-    history frames (absolute indices, temporal order, with their page ids
-    ``[B, Hkv, frames, ppf]``) and its persistent page ids ``[B, Hkv, C]``.
+    Holds the layer's history frames (absolute indices, temporal order, with their page ids
+    ``[B, Hkv, frames, ppf]``) and its persistent page ids ``[B, Hkv, C]``; ``pass_context``
+    is the runtime's, shared by every layer.
     """
 
     def __init__(
@@ -99,14 +60,10 @@ class AttentionState(nn.Module):
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
-        cursor: RuntimeCursor,
+        pass_context: PassContext,
     ):
-        super().__init__()
-        self.pattern = pattern
-        self.geometry = geometry
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scorer = BlockScorer(num_heads, num_kv_heads, head_dim)
-        self._cursor = cursor
+        super().__init__(pattern, geometry, num_heads, num_kv_heads, head_dim)
+        self._context = pass_context
         # Device state lives in buffers allocated by ``reset`` and only ever updated in place:
         # a CUDA graph captured over one chunk reads them at fixed addresses.
         self._frames: list[int] = []
@@ -116,9 +73,6 @@ class AttentionState(nn.Module):
         self._num_persistent = 0
         self._committed = 0  # frames this layer has committed
         self._layout: CacheView | None = None  # this chunk's view without query reps
-
-    def extra_repr(self) -> str:
-        return f"{self.pattern}, {self.geometry}"
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -175,7 +129,7 @@ class AttentionState(nn.Module):
         """What the device work of a pass depends on besides buffer contents: the history
         relative to the current chunk and the counts (equal signatures: a CUDA graph of one
         pass replays the other)."""
-        start = self._cursor.chunk_start
+        start = self._context.chunk_start
         return (
             tuple(f - start for f in self._frames),
             self._num_persistent,
@@ -192,7 +146,7 @@ class AttentionState(nn.Module):
         self._layout = None
 
     def _require_pool(self) -> PagePool:
-        pool = self._cursor.pool
+        pool = self._context.pool
         if pool is None or self._frame_pages is None:
             raise RuntimeError("the attention runtime must be reset(...) before use")
         return pool
@@ -200,13 +154,13 @@ class AttentionState(nn.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def _check_inputs(self, q: Tensor, k: Tensor, v: Tensor, pool: PagePool) -> None:
-        cursor = self._cursor
-        if cursor.phase not in PHASES:
+        context = self._context
+        if context.phase not in PHASES:
             raise ValueError(
                 "phase: attention called outside a pass; run it inside "
                 "AttentionRuntime.chunk_pass(start_frame, commit)"
             )
-        if cursor.phase == "commit" and self._committed > cursor.chunk_start:
+        if context.phase == "commit" and self._committed > context.chunk_start:
             raise ValueError("phase: this layer already committed the current chunk")
         g = self.geometry
         rows = g.chunk_tokens
@@ -233,12 +187,12 @@ class AttentionState(nn.Module):
         pass's). The layout part is built once per chunk; every pass's view shares its memo
         (see ``CacheView.cached``)."""
         pool = self._require_pool()
-        if self._layout is None or self._layout.chunk_start != self._cursor.chunk_start:
+        if self._layout is None or self._layout.chunk_start != self._context.chunk_start:
             g = self.geometry
             self._layout = CacheView(
                 geometry=g,
                 num_heads=self.num_heads,
-                chunk_start=self._cursor.chunk_start,
+                chunk_start=self._context.chunk_start,
                 history_frames=tuple(self._frames),
                 frame_index=self._frame_index,
                 frame_pages=self._frame_pages[:, :, : len(self._frames)],
@@ -250,7 +204,7 @@ class AttentionState(nn.Module):
                 page_lens=pool.page_lens,
                 key_reps=pool.key_reps,
                 scorer=self.scorer,
-                start=self._cursor.start,
+                start=self._context.start,
             )
         # a shallow copy shares the memo and skips __post_init__'s checks, which the layout
         # passed once this chunk (dataclasses.replace would re-run them on every pass)
@@ -266,7 +220,7 @@ class AttentionState(nn.Module):
         pool.write_scratch(k, v)
         view = self.view(q)
         table = self.pattern.select(view)
-        if self._cursor.debug:
+        if self._context.debug:
             table.validate(pool.num_pages)
         out, _ = codegen.pbsa_attention(
             q,
@@ -278,110 +232,48 @@ class AttentionState(nn.Module):
             layout="BLHD",
             q_block=self.geometry.q_block,
             return_lse=False,
-            backend=self._cursor.backend,
+            backend=self._context.backend,
         )
-        if self._cursor.phase == "commit":
+        if self._context.phase == "commit":
             self._commit(pool, view)
         return out
 
-    # -- commit -----------------------------------------------------------------------------
+    # -- commit (see ``runtime.commit``) ----------------------------------------------------
 
-    def _commit_plan(self, pool: PagePool) -> CommitPlan:
-        g = self.geometry
-        f, ppf = g.frames_per_chunk, g.pages_per_frame
-        start = self._cursor.chunk_start
-        chunk = list(range(start, start + f))
-        retained = set(self.pattern.retained_frames(start + f, f))
-        keep_old = [i for i, fr in enumerate(self._frames) if fr in retained]
-        evict_old = [i for i, fr in enumerate(self._frames) if fr not in retained]
-        keep_new = [j for j, fr in enumerate(chunk) if fr in retained]
-        evict_new = [j for j, fr in enumerate(chunk) if fr not in retained]
-        # chunk frames leaving the window at once need real pages to compete for P
-        transient = len(evict_new) * ppf if self.pattern.persistent_capacity else 0
-        evicted = len(evict_old) * ppf + transient
-        kept = self._num_persistent
-        freed = 0
-        if evicted:
-            kept = self.pattern.persistent_after(self._num_persistent, evicted)
-            freed = self._num_persistent + evicted - kept
-        return CommitPlan(
-            keep_old,
-            evict_old,
-            keep_new,
-            evict_new,
-            frames=[self._frames[i] for i in keep_old] + [chunk[j] for j in keep_new],
-            transient=transient,
-            evicted=evicted,
-            kept=kept,
-            freed=freed,
-            new=len(keep_new) * ppf,
+    def _commit_plan(self) -> CommitPlan:
+        return plan_commit(
+            self.pattern,
+            self.geometry,
+            self._frames,
+            self._num_persistent,
+            self._context.chunk_start,
         )
 
     def _commit(self, pool: PagePool, view: CacheView) -> None:
         """Move the chunk from scratch into the cache; evict; update the persistent set
         (scored with this pass's clean queries, pooled from ``view``)."""
-        plan = self._commit_plan(pool)
-        g = self.geometry
-        f, ppf = g.frames_per_chunk, g.pages_per_frame
-        b, hkv = pool.batch_size, pool.num_kv_heads
-        scratch = pool.scratch_ids.view(b, hkv, f, ppf)
-        history = self._frame_pages[:, :, : len(self._frames)]
-
-        evicted = [_take(history, 2, plan.evict_old).reshape(b, hkv, -1)]
-        if plan.transient:
-            ids = pool.allocate(plan.transient)
-            pool.copy(_take(scratch, 2, plan.evict_new).reshape(b, hkv, -1), ids)
-            evicted.append(ids)
-        evicted_ids = torch.cat(evicted, dim=-1)
-        if plan.evicted:
-            persistent, kept, freed = self.pattern.update_persistent(
-                self._persistent,
-                self._num_persistent,
-                evicted_ids,
-                pool.key_reps,
-                view.pooled_queries() if self.pattern.needs_scores else None,
-                self.scorer,
-            )
-            if (kept, freed.shape[-1]) != (plan.kept, plan.freed):
-                raise RuntimeError(
-                    f"{type(self.pattern).__name__}.update_persistent kept {kept} and freed "
-                    f"{freed.shape[-1]} pages; persistent_after planned {plan.kept} and "
-                    f"{plan.freed}"
-                )
-            if plan.freed:
-                pool.free(freed)
-            if persistent is not self._persistent:
-                self._persistent.copy_(persistent)
-
-        new_pages = pool.allocate(plan.new)
-        if plan.keep_new:
-            pool.copy(_take(scratch, 2, plan.keep_new).reshape(b, hkv, -1), new_pages)
-        kept_history = _take(history, 2, plan.keep_old)
-        n = len(plan.frames)
-        self._frame_pages[:, :, :n] = torch.cat(
-            [kept_history, new_pages.view(b, hkv, len(plan.keep_new), ppf)], dim=2
-        )
-        self._frame_index_buffer[:n] = torch.cat(
-            [
-                _take(self._frame_index, 0, plan.keep_old),
-                _take(view.chunk_frames(), 0, plan.keep_new),
-            ]
+        plan = self._commit_plan()
+        execute_commit(
+            plan,
+            pool,
+            view,
+            self.pattern,
+            self._frame_pages,
+            self._frame_index_buffer,
+            self._persistent,
+            self._num_persistent,
         )
         self._finish_commit(plan)
 
     def _finish_commit(self, plan: CommitPlan) -> None:
         self._frames = plan.frames
         self._num_persistent = plan.kept
-        self._committed = self._cursor.chunk_start + self.geometry.frames_per_chunk
+        self._committed = self._context.chunk_start + self.geometry.frames_per_chunk
         self._layout = None
 
     def replay_commit(self) -> None:
         """The host side of ``_commit`` alone, for a commit pass whose device work a CUDA
-        graph replayed: the pool's counts (in the order the device work allocates and frees)
-        and this layer's frames and counts."""
-        pool = self._require_pool()
-        plan = self._commit_plan(pool)
-        pool.reserve(plan.transient)
-        pool.release(plan.freed)
-        pool.reserve(plan.new)
+        graph replayed: the pool's counts and this layer's frames and counts."""
+        plan = self._commit_plan()
+        reserve_commit(plan, self._require_pool())
         self._finish_commit(plan)

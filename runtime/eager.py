@@ -18,7 +18,7 @@ import operator
 import torch
 from torch import Tensor
 
-from patterns.checks import check_int
+from runtime.checks import check_reset_args
 from runtime.model import CausalWanModel
 
 
@@ -266,6 +266,11 @@ class EagerRunner:
         return self.model.config.frames_per_chunk
 
     @property
+    def max_frames(self) -> int:
+        """The most frames a rollout may span: the model's (its RoPE table)."""
+        return self.model.config.max_frames
+
+    @property
     def next_frame(self) -> int:
         """Absolute index of the first frame of the next chunk (= frames committed)."""
         return self._next_frame
@@ -279,17 +284,10 @@ class EagerRunner:
         return self.cache.peak_kv_bytes
 
     def reset(self, batch_size: int, device, dtype: torch.dtype, num_frames: int) -> None:
-        """Empty the cache for a rollout of `num_frames` frames of `batch_size` videos."""
+        """Empty the cache for a rollout of `num_frames` frames of `batch_size` videos (at
+        most `max_frames`). A rejected call changes nothing."""
         cfg = self.model.config
-        check_int(batch_size, "batch_size")
-        check_int(num_frames, "num_frames")
-        if num_frames % cfg.frames_per_chunk or num_frames > cfg.rope_positions:
-            raise ValueError(
-                f"num_frames must be a multiple of frames_per_chunk={cfg.frames_per_chunk} "
-                f"and at most {cfg.rope_positions}, got {num_frames}"
-            )
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+        check_reset_args(batch_size, dtype, num_frames, cfg.frames_per_chunk, self.max_frames)
         device = torch.device(device)
         self.cache.reset(cfg.num_layers, cfg.tokens_per_frame, cfg.frames_per_chunk, num_frames)
         self._batch_size, self._device, self._dtype = batch_size, device, dtype

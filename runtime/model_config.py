@@ -1,14 +1,18 @@
 """Configuration of the reference causal Wan model: presets and the exact parameter count.
 
-Plain Python (no torch): the config only describes the architecture; `runtime/model.py`
-builds it. The parameter count is derived from the formulas of each layer so that a test can
-check the module against it without trusting either side.
+Plain Python: the config only describes the architecture; `runtime/model.py` builds it. Its
+one import from this project is the default chunk length (`patterns.geometry.FRAMES_PER_CHUNK`,
+Self-Forcing's 3 latent frames), so that every default of it is the same. The parameter count
+is derived from the formulas of each layer so that a test can check the module against it
+without trusting either side.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+from patterns.geometry import FRAMES_PER_CHUNK
 
 ATTN_IMPLS = ("sdpa", "sdpa_kw", "unfused", "flex")
 
@@ -36,7 +40,7 @@ class WanConfig:
     latent_height: int
     latent_width: int
     freq_dim: int = 256
-    frames_per_chunk: int = 3
+    frames_per_chunk: int = FRAMES_PER_CHUNK
     num_kv_heads: int | None = None
     attn_impl: str = "sdpa"
     eps: float = 1e-6
@@ -117,8 +121,10 @@ class WanConfig:
         return self.grid_height * self.grid_width
 
     @property
-    def tokens_per_chunk(self) -> int:
-        return self.frames_per_chunk * self.tokens_per_frame
+    def max_frames(self) -> int:
+        """The most frames a rollout may span: RoPE places frame f at temporal position f,
+        and the table holds ``rope_positions`` of them."""
+        return self.rope_positions
 
     @classmethod
     def preset(cls, name: str, **overrides) -> WanConfig:

@@ -16,11 +16,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patterns.checks import check_int
+from patterns.geometry import FRAMES_PER_CHUNK
 
 
 @runtime_checkable
 class ChunkRunner(Protocol):
-    """What `generate` drives: a model bound to a KV cache, called once per pass."""
+    """What `generate` drives: a model bound to a KV cache, called once per pass.
+
+    A runner may also state ``max_frames``, the most frames a rollout may span (its model's
+    positions; None or absent: no limit): `generate` rejects a longer rollout before the
+    first pass, and ``reset`` before touching the cache.
+    """
 
     def reset(self, batch_size: int, device, dtype: torch.dtype, num_frames: int) -> None:
         """Empty the cache for a rollout of `num_frames` frames."""
@@ -45,7 +51,7 @@ class SelfForcingSchedule:
 
     denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
     shift: float = 5.0
-    frames_per_chunk: int = 3
+    frames_per_chunk: int = FRAMES_PER_CHUNK
     num_train_timesteps: int = 1000
 
     def __post_init__(self) -> None:
@@ -77,6 +83,17 @@ class SelfForcingSchedule:
         return tuple(self.num_train_timesteps * sigma for sigma in self.sigmas)
 
 
+def _check_length(runner: ChunkRunner, num_chunks: int, frames_per_chunk: int) -> None:
+    limit = getattr(runner, "max_frames", None)
+    if limit is not None and num_chunks * frames_per_chunk > limit:
+        raise ValueError(
+            f"num_chunks={num_chunks}: {num_chunks} chunks of {frames_per_chunk} frames span "
+            f"{num_chunks * frames_per_chunk} frames, past the runner's limit of {limit} "
+            f"(max_frames, the positions its model can encode): at most "
+            f"{limit // frames_per_chunk} chunks"
+        )
+
+
 @torch.no_grad()
 def generate(
     runner: ChunkRunner,
@@ -96,6 +113,7 @@ def generate(
     context: [1 or B, L_text, text_dim] text embeddings (a batch of 1 is shared). Noise is
     drawn on the CPU from a generator seeded with `seed`, so the result depends only on the
     seed and the runner, not on the device. `device`/`dtype` default to the context's.
+    A rollout longer than the runner's ``max_frames`` is a ValueError before any work.
     """
     schedule = SelfForcingSchedule() if schedule is None else schedule
     if not isinstance(schedule, SelfForcingSchedule):
@@ -116,6 +134,7 @@ def generate(
     context = context.to(device, dtype).expand(batch_size, -1, -1)
 
     frames = schedule.frames_per_chunk
+    _check_length(runner, num_chunks, frames)
     shape = (batch_size, channels, frames, height, width)
     generator = torch.Generator().manual_seed(seed)
 

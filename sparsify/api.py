@@ -96,6 +96,12 @@ class SparsifiedModule(nn.Module):
         self.runner.cuda_graphs = value
 
     @property
+    def max_frames(self) -> int | None:
+        """The most frames a rollout may span (cached mode): the reference model's RoPE
+        limit, as for its `runtime.EagerRunner`; None (no known limit) for other models."""
+        return self.runtime.max_frames
+
+    @property
     def peak_kv_bytes(self) -> int:
         return self.runtime.peak_kv_bytes
 
@@ -310,7 +316,8 @@ def sparsify(
             "model: no self-attention site can be rewritten; reasons: "
             + "; ".join(f"site {s.index}: {reasons[s.index]}" for s in sites)
         )
-    attention, modules = _attention(chosen, mode, pattern, geometry, backend, debug)
+    limit = model.config.max_frames if isinstance(model, CausalWanModel) else None
+    attention, modules = _attention(chosen, mode, pattern, geometry, backend, debug, limit)
     site_ids = {s.index: bind(m) for s, m in zip(chosen, modules, strict=True)}
     rewrite(graph_module, sites, site_ids)
     rows = _plan_rows(
@@ -325,13 +332,13 @@ def sparsify(
 
 def _attention(
     chosen: list[AttentionSite], mode: str, pattern: Pattern, geometry: VideoGeometry,
-    backend: str, debug: bool,
+    backend: str, debug: bool, max_frames: int | None,
 ) -> tuple[AttentionRuntime | nn.ModuleList, list[nn.Module]]:  # fmt: skip
     """The module owning the attention modules, and the module of each chosen site."""
     if mode == "cached":
         heads, kv_heads, head_dim = _heads(chosen[0])
         runtime = AttentionRuntime(
-            pattern, geometry, len(chosen), heads, kv_heads, head_dim, backend, debug
+            pattern, geometry, len(chosen), heads, kv_heads, head_dim, backend, debug, max_frames
         )
         return runtime, list(runtime.states)
     modules = [FullSequenceAttention(pattern, geometry, *_heads(s), backend) for s in chosen]

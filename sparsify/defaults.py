@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from patterns import PersistentLocal, VideoGeometry
+from patterns.geometry import FRAMES_PER_CHUNK
 
 WAN_PAGE = 128
 SMALL_PAGE = 16
@@ -27,7 +28,9 @@ HISTORY_CHUNKS = 2
 LOCAL_DENSITY = 0.125
 
 
-def default_geometry(tokens_per_frame: int, frames_per_chunk: int = 3) -> VideoGeometry:
+def default_geometry(
+    tokens_per_frame: int, frames_per_chunk: int = FRAMES_PER_CHUNK
+) -> VideoGeometry:
     page = WAN_PAGE if tokens_per_frame >= 4 * WAN_PAGE else SMALL_PAGE
     return VideoGeometry(
         tokens_per_frame=tokens_per_frame,

@@ -9,9 +9,9 @@ from runtime import (
     EagerRunner,
     GlobalCache,
     RollingCache,
-    StatefulRunner,
     bind_reference_model,
     generate,
+    reference_runner,
 )
 
 CHUNKS = 4
@@ -42,9 +42,7 @@ def eager_window(tiny):
 
 
 def _sparse(model, context, pattern):
-    runner = StatefulRunner.for_reference_model(
-        model, pattern, page_size=16, q_block=32, backend="torch", debug=True
-    )
+    runner = reference_runner(model, pattern, page_size=16, q_block=32, backend="torch", debug=True)
     return _rollout(runner, model, context), runner
 
 
@@ -80,7 +78,7 @@ def test_persistent_local_with_everything_visible_equals_dense(tiny, eager_globa
 def test_peak_bytes_reach_the_footprint_bound_and_never_exceed_it(tiny):
     model, context = tiny
     pattern = PersistentLocal(5, 6, local_topk=3)
-    runner = StatefulRunner.for_reference_model(model, pattern, page_size=16, q_block=32)
+    runner = reference_runner(model, pattern, page_size=16, q_block=32)
     rt = runner.runtime
     cfg = model.config
     shape = (cfg.in_channels, cfg.latent_height, cfg.latent_width)
@@ -158,7 +156,7 @@ def test_constructor_validation():
 
 def test_runner_protocol_and_gate_parameters_in_the_state_dict(tiny):
     model, _ = tiny
-    runner = StatefulRunner.for_reference_model(model, PersistentLocal(4, 6))
+    runner = reference_runner(model, PersistentLocal(4, 6))
     assert isinstance(runner, ChunkRunner)
     keys = runner.runtime.state_dict().keys()
     assert {f"states.{i}.scorer.wq" for i in range(model.config.num_layers)} <= set(keys)

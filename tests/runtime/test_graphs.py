@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from patterns import Dense, PersistentLocal, TopK
-from runtime import StatefulRunner, generate
+from runtime import generate, reference_runner
 
 CHUNKS = 7
 
@@ -20,7 +20,7 @@ PATTERNS = {
 
 
 def _runner(model, pattern, device="cpu", **kw):
-    runner = StatefulRunner.for_reference_model(model, pattern, page_size=16, q_block=32, **kw)
+    runner = reference_runner(model, pattern, page_size=16, q_block=32, **kw)
     return runner.to(device)
 
 
@@ -113,10 +113,10 @@ def test_signature_depends_on_history_relative_to_the_chunk(tiny):
     runner.reset(1, "cpu", torch.float32, CHUNKS * model.config.frames_per_chunk)
     state = runner.runtime.states[0]
     state._frames, state._num_persistent, state._committed = [3, 4, 5], 2, 6
-    runner.runtime._cursor.chunk_start = 6
+    runner.runtime._context.chunk_start = 6
     first = state.signature()
     state._frames, state._committed = [6, 7, 8], 9
-    runner.runtime._cursor.chunk_start = 9
+    runner.runtime._context.chunk_start = 9
     assert state.signature() == first
     state._num_persistent = 3
     assert state.signature() != first

@@ -7,20 +7,21 @@ whose pages tile the flat sequence (they may straddle frames).
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 import codegen
-from codegen.api import BACKENDS
-from patterns import BlockScorer, Pattern, VideoGeometry, full_sequence_table
+from patterns import Pattern, VideoGeometry, full_sequence_table
+from runtime.checks import check_backend
+from runtime.layer import PatternLayer
 
 __all__ = ["FullSequenceAttention"]
 
 
-class FullSequenceAttention(nn.Module):
+class FullSequenceAttention(PatternLayer):
     """Drop-in self-attention ``forward(q, k, v)`` with q ``[B, L, H, D]``, k, v
     ``[B, L, Hkv, D]`` (BLHD, ``L = frames · tokens_per_frame``) → ``[B, L, H, D]``.
 
-    Holds the layer's ``BlockScorer`` (``self.scorer``) for patterns that score blocks.
+    A `PatternLayer`: its ``BlockScorer`` (``self.scorer``) serves patterns that score blocks.
     """
 
     def __init__(
@@ -32,17 +33,11 @@ class FullSequenceAttention(nn.Module):
         head_dim: int,
         backend: str = "auto",
     ):
-        super().__init__()
-        if not isinstance(pattern, Pattern):
-            raise TypeError(f"pattern must be a patterns.Pattern, got {type(pattern).__name__}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.pattern, self.geometry, self.backend = pattern, geometry, backend
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scorer = BlockScorer(num_heads, num_kv_heads, head_dim)
+        super().__init__(pattern, geometry, num_heads, num_kv_heads, head_dim)
+        self.backend = check_backend(backend)
 
     def extra_repr(self) -> str:
-        return f"{self.pattern}, {self.geometry}, backend={self.backend!r}"
+        return f"{super().extra_repr()}, backend={self.backend!r}"
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         for name, x, heads in (
