@@ -12,7 +12,7 @@ from codegen.spec import KernelSpec
     "spec",
     [
         KernelSpec(),
-        KernelSpec(tma=True, warp_specialize=True, dtype="float32"),
+        KernelSpec(tma=True, scheduled=True, dtype="float32"),
         KernelSpec(paged=False, layout="BHLD", return_lse=False, block_m=64, head_dim=64),
     ],
     ids=lambda s: s.name,
