@@ -6,7 +6,7 @@ Public API: `pbsa_attention`, `merge_partials`, `KernelSpec`, `render`, `get_ker
 
 from codegen.api import pbsa_attention
 from codegen.cache import get_kernel
-from codegen.launch import LaunchConfig
+from codegen.config import LaunchConfig
 from codegen.merge import merge_partials
 from codegen.render import render
 from codegen.spec import KernelSpec

@@ -4,6 +4,12 @@ Triton's @jit reads the kernel's source with inspect.getsource, so each kernel l
 real file: `<cache dir>/kernels/<spec.name>_<hash>.py`, where the hash covers the spec, the
 template (and renderer) and the Triton version. Files are written to a temporary name and
 moved into place with os.replace, so concurrent processes generating the same kernel are safe.
+
+A cached file is trusted only after it is compared with a fresh render (cheap, once per file
+and process): a file damaged after it was written (cut short, edited) would otherwise compile
+into a kernel that returns garbage. A mismatch is rewritten with a warning. A cache dir that
+cannot be written is replaced by a temporary directory for the rest of the process, with one
+warning.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -21,6 +28,10 @@ from codegen.render import render, runtime_int_args, template_fingerprint
 from codegen.spec import KernelSpec
 
 _modules: dict[Path, ModuleType] = {}
+# Files checked against a fresh render in this process.
+_verified: set[Path] = set()
+# Unwritable kernel dirs -> the temporary dir used instead.
+_fallbacks: dict[Path, Path] = {}
 
 
 def cache_dir() -> Path:
@@ -33,11 +44,14 @@ def cache_dir() -> Path:
 
 
 def kernel_path(spec: KernelSpec) -> Path:
+    """Where the spec's source belongs (in the fallback dir if the cache dir is unwritable)."""
     digest = spec.digest(template_fingerprint(), triton.__version__)
-    return cache_dir() / "kernels" / f"{spec.name}_{digest}.py"
+    folder = cache_dir() / "kernels"
+    return _fallbacks.get(folder, folder) / f"{spec.name}_{digest}.py"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same dir and os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -49,11 +63,47 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):  # missing, unreadable or not text: rewrite it
+        return None
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write the source, falling back (once per dir, with a warning) to a temporary dir."""
+    try:
+        atomic_write(path, text)
+        return path
+    except OSError as err:
+        folder = path.parent
+        if folder in _fallbacks.values():
+            raise
+        fallback = Path(tempfile.mkdtemp(prefix="sparse_forcing_kernels_"))
+        warnings.warn(
+            f"kernel cache {folder} is not writable ({err}); using {fallback} for this process",
+            stacklevel=4,
+        )
+        _fallbacks[folder] = fallback
+        return _write(fallback / path.name, text)
+
+
 def kernel_source_path(spec: KernelSpec) -> Path:
-    """Path of the spec's generated source, rendering and writing it only if missing."""
+    """Path of the spec's generated source, verified against a fresh render (once per
+    process) and written if missing or different."""
     path = kernel_path(spec)
-    if not path.exists():
-        _atomic_write(path, render(spec))
+    if path in _verified:
+        return path
+    text = render(spec)
+    found = _read(path)
+    if found != text:
+        if found is not None:
+            warnings.warn(
+                f"kernel cache: {path} differs from its render (damaged); regenerating",
+                stacklevel=3,
+            )
+        path = _write(path, text)
+    _verified.add(path)
     return path
 
 

@@ -1,69 +1,21 @@
-"""Launching the generated kernel: spec and config selection, strides, TMA descriptors, grid."""
+"""Launching the generated kernel: the default config, strides, TMA descriptors, grid."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 from torch import Tensor
 
 from codegen.cache import get_kernel
+from codegen.config import LaunchConfig, spec_for, supports_tma
 from codegen.problem import Problem
-from codegen.spec import DTYPE_NAMES, KernelSpec
+from codegen.render import call_args
+from codegen.spec import KernelSpec
+from codegen.store import lookup
 
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Tuning choices that do not change the problem: tile height, warps, pipeline depth."""
-
-    block_m: int = 128
-    num_warps: int = 8
-    num_stages: int = 2
-    tma: bool = False
-    warp_specialize: bool = False
-    scheduled: bool = False
-    block_n: int | None = None  # keys per step; None: one page per step
-
-
-@functools.lru_cache(maxsize=16)
-def supports_tma(device: torch.device) -> bool:
-    """TMA descriptors need a CUDA device of compute capability >= 9 (Hopper). Memoised:
-    untuned calls ask on every launch, and the capability query is host work."""
-    if device.type != "cuda":
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
-    """The structure of `p` plus the config's structural choices."""
-    return _spec(
-        block_m=min(config.block_m, p.q_block),
-        block_n=min(config.block_n or p.page_size, p.page_size),
-        page_size=p.page_size,
-        q_block=p.q_block,
-        head_dim=p.head_dim,
-        group=p.group,
-        dtype=DTYPE_NAMES[p.q.dtype],
-        layout=p.layout,
-        paged=p.paged,
-        # Decided by the call's form, never by values, so that lengths never recompile.
-        partial=not p.paged or p.page_lens is not None,
-        return_lse=return_lse,
-        tma=config.tma,
-        warp_specialize=config.warp_specialize,
-        scheduled=config.scheduled,
-    )
-
-
-# Per-call host work is on the critical path of short kernels: specs and kernels are memoised.
-_spec = functools.cache(KernelSpec)
+# Per-call host work is on the critical path of short kernels: kernels are memoised.
 _kernels: dict[tuple[KernelSpec, bool], object] = {}
 
 
@@ -101,18 +53,36 @@ def _schedule(p: Problem, block_m: int) -> Tensor:
 
 
 def default_config(p: Problem, interpret: bool) -> LaunchConfig:
+    """The persisted winner for the call's bucket, else a fixed config (the interpreter's
+    is fixed: it times nothing)."""
     if interpret:
         return LaunchConfig(block_m=min(64, p.q_block), num_warps=4, num_stages=1)
-    from codegen.tuning import lookup
-
     return lookup(p) or LaunchConfig(
         block_m=min(128, p.q_block), num_warps=8, num_stages=2, tma=supports_tma(p.q.device)
     )
 
 
-def _kv_tma_args(p: Problem, spec: KernelSpec) -> tuple[object, object, tuple[int, int, int]]:
-    """2-D descriptors over K and V, and (row_b, row_h, col_h): page p of kv head g of batch b
-    starts at row b·row_b + g·row_h + p·page, column g·col_h."""
+def _kv_args(p: Problem, spec: KernelSpec) -> dict[str, object]:
+    """The kernel's K, V and kv geometry arguments (see `codegen.render.kernel_args`)."""
+    if spec.tma:
+        return _kv_tma_args(p, spec)
+    k, v = p.k, p.v
+    if p.paged:  # (batch, kv head, page, token) strides of the pools
+        geometry = (*k.stride()[:4], *v.stride()[:4])
+    else:  # contiguous: page j of head g starts at token j·page
+        tok, head = (1, 2) if p.layout == "BLHD" else (2, 1)
+        geometry = tuple(
+            s
+            for t in (k, v)
+            for s in (t.stride(0), t.stride(head), p.page_size * t.stride(tok), t.stride(tok))
+        )
+    names = (f"stride_{t}{d}" for t in "kv" for d in "bhpt")
+    return dict(K=k, V=v, **dict(zip(names, geometry, strict=True)))
+
+
+def _kv_tma_args(p: Problem, spec: KernelSpec) -> dict[str, object]:
+    """2-D descriptors over K and V, and (kv_row_b, kv_row_h, kv_col_h): page p of kv head g
+    of batch b starts at row b·kv_row_b + g·kv_row_h + p·page, column g·kv_col_h."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     d, page = p.head_dim, p.page_size
@@ -125,8 +95,8 @@ def _kv_tma_args(p: Problem, spec: KernelSpec) -> tuple[object, object, tuple[in
     else:  # [B, Hkv, Lk, D] -> [B·Hkv·Lk, D]
         views = [t.view(-1, d) for t in (p.k, p.v)]
         rows = (p.kv_heads * p.kv_len, p.kv_len, 0)
-    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [spec.block_n, d]) for t in views]
-    return descs[0], descs[1], rows
+    k, v = (TensorDescriptor(t, list(t.shape), list(t.stride()), [spec.block_n, d]) for t in views)
+    return dict(K=k, V=v, **dict(zip(("kv_row_b", "kv_row_h", "kv_col_h"), rows, strict=True)))
 
 
 def _aligned(t: Tensor) -> bool:
@@ -169,59 +139,32 @@ def pbsa_triton(
         sb, s1, s2, _ = t.stride()
         return (sb, s2, s1) if p.layout == "BLHD" else (sb, s1, s2)
 
-    num_blocks = p.kv_num_blocks.contiguous()
-    indices = p.kv_indices.contiguous()
-    lens = p.page_lens.contiguous() if p.page_lens is not None else num_blocks  # unused then
-    if spec.tma:
-        k_arg, v_arg, kv_geom = _kv_tma_args(p, spec)
-    else:
-        k_arg, v_arg = k, v
-        if p.paged:
-            kv_geom = (*k.stride()[:4], *v.stride()[:4])
-        else:  # contiguous: page j of head g starts at token j·page
-            sk, sv = k.stride(), v.stride()
-            tok = (1, 2) if p.layout == "BLHD" else (2, 1)  # (token dim, head dim)
-            kv_geom = (
-                sk[0],
-                sk[tok[1]],
-                p.page_size * sk[tok[0]],
-                sk[tok[0]],
-                sv[0],
-                sv[tok[1]],
-                p.page_size * sv[tok[0]],
-                sv[tok[0]],
-            )
     m_tiles = triton.cdiv(p.q_len, spec.block_m)
     if m_tiles == 0 or p.batch * p.heads == 0:
         return out, lse
-    if spec.scheduled:
-        schedule = _schedule(p, spec.block_m)
-        grid = (m_tiles * p.batch * p.heads,)
-    else:
-        schedule, grid = num_blocks, (m_tiles, p.batch * p.heads)  # schedule unused then
-    launch = {} if interpret else dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    kernel[grid](
-        p.q,
-        k_arg,
-        v_arg,
-        out,
-        lse if return_lse else out,
-        num_blocks,
-        indices,
-        lens,
-        schedule,
-        *bhl(p.q),
-        *bhl(out),
-        *kv_geom,
-        p.heads,
-        p.q_len,
-        p.kv_len,
-        p.num_pages,
-        p.num_q_blocks,
-        p.max_blocks,
-        m_tiles,
-        p.scale,
-        UPCAST=interpret,
-        **launch,
+    num_blocks = p.kv_num_blocks.contiguous()
+    values = dict(
+        Q=p.q,
+        Out=out,
+        Lse=lse if return_lse else out,  # unused then
+        NumBlocks=num_blocks,
+        Indices=p.kv_indices.contiguous(),
+        # Without page lengths or a schedule the kernel never reads these: any int32 tensor.
+        PageLens=p.page_lens.contiguous() if p.page_lens is not None else num_blocks,
+        Schedule=_schedule(p, spec.block_m) if spec.scheduled else num_blocks,
+        num_heads=p.heads,
+        q_len=p.q_len,
+        kv_len=p.kv_len,
+        num_pages=p.num_pages,
+        num_q_blocks=p.num_q_blocks,
+        max_blocks=p.max_blocks,
+        num_m_tiles=m_tiles,
+        qk_scale=p.scale,
     )
+    values.update(zip(("stride_qb", "stride_qh", "stride_ql"), bhl(p.q), strict=True))
+    values.update(zip(("stride_ob", "stride_oh", "stride_ol"), bhl(out), strict=True))
+    values.update(_kv_args(p, spec))
+    grid = (m_tiles * p.batch * p.heads,) if spec.scheduled else (m_tiles, p.batch * p.heads)
+    launch = {} if interpret else dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel[grid](*call_args(spec, values), UPCAST=interpret, **launch)
     return out, (lse if return_lse else None)

@@ -16,6 +16,9 @@ def merge_partials(
     out*: [B, Lq, H, D] (BLHD) or [B, H, Lq, D] (BHLD), any float dtype; lse*: [B, H, Lq]
     natural-log sums (-inf where a part saw nothing). Returns (out in out1's dtype,
     lse float32); rows empty in both parts stay at out 0, lse -inf.
+
+    An LSE of +inf or NaN (an overflowed or broken part) has no defined weight: it is
+    rejected with a ValueError naming the argument (this check syncs the device).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
@@ -27,6 +30,8 @@ def merge_partials(
     for name, t in (("lse1", lse1), ("lse2", lse2)):
         if tuple(t.shape) != tuple(rows):
             raise ValueError(f"{name}: expected shape {tuple(rows)}, got {tuple(t.shape)}")
+        if (t.isnan() | t.isposinf()).any():
+            raise ValueError(f"{name}: expected values < +inf (-inf: empty part), got +inf or NaN")
     lse1, lse2 = lse1.float(), lse2.float()
     top = torch.maximum(lse1, lse2)
     # Rows empty in both parts: shift by 0 so the weights are exp(-inf) = 0, not NaN.

@@ -11,6 +11,7 @@ Shapes (see docs/ARCHITECTURE.md, "The kernel"):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -102,14 +103,16 @@ def validate(
     v: Tensor,
     kv_num_blocks: Tensor,
     kv_indices: Tensor,
-    page_lens: Tensor | None,
+    page_lens: Tensor | None = None,
     *,
-    scale: float | None,
-    layout: str,
-    q_block: int,
-    page_size: int | None,
+    scale: float | None = None,
+    layout: str = "BLHD",
+    q_block: int = 128,
+    page_size: int | None = None,
 ) -> Problem:
-    """Check shapes, dtypes and devices (no device sync) and return the canonical Problem."""
+    """Check shapes, dtypes, devices and the scale (no device sync) and return the canonical
+    Problem. Takes `codegen.pbsa_attention`'s arguments (less backend and return_lse), with
+    the same defaults, so that every entry point that takes them forwards them here."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -181,6 +184,12 @@ def validate(
 
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
+    elif not (math.isfinite(scale) and scale > 0):
+        # The kernels take the row max of the raw logits as the max of the scaled ones: a
+        # scale <= 0 would return zeros with LSE -inf instead of an error.
+        raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
     return Problem(
         q=q,
         k=k,

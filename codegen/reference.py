@@ -6,45 +6,23 @@ the backends it checks. Only for small shapes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from codegen.problem import check_table_values, validate
 
 
-def pbsa_reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kv_num_blocks: Tensor,
-    kv_indices: Tensor,
-    page_lens: Tensor | None = None,
-    *,
-    scale: float | None = None,
-    layout: str = "BLHD",
-    q_block: int = 128,
-    page_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Same arguments as `codegen.pbsa_attention`; returns float64 out (q's layout) and lse.
-
-    lse: [B, H, Lq]; -inf and out 0 for rows with nothing visible.
+def pbsa_reference(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """`codegen.pbsa_attention`'s arguments (less backend and return_lse); returns float64
+    out (q's layout) and lse [B, H, Lq]; -inf and out 0 for rows with nothing visible.
     """
-    p = validate(
-        q,
-        k,
-        v,
-        kv_num_blocks,
-        kv_indices,
-        page_lens,
-        scale=scale,
-        layout=layout,
-        q_block=q_block,
-        page_size=page_size,
-    )
+    p = validate(*args, **kwargs)
     check_table_values(p)
     k_pool, v_pool, lens = p.paged_kv()
     page = p.page_size
-    dev = q.device
+    dev = p.q.device
     # Dense [B, H, NP·page, D] keys/values per query head (GQA: repeat kv heads).
     k_all = k_pool.double().reshape(p.batch, p.kv_heads, -1, p.head_dim)
     v_all = v_pool.double().reshape(p.batch, p.kv_heads, -1, p.head_dim)
@@ -68,6 +46,6 @@ def pbsa_reference(
     lse = torch.logsumexp(s, dim=-1)
     probs = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
     out = torch.matmul(probs, v_all)
-    if layout == "BLHD":
+    if p.layout == "BLHD":
         out = out.transpose(1, 2)
     return out, lse

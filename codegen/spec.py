@@ -19,7 +19,8 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 HEAD_DIMS = tuple(2**i for i in range(4, 9))  # the head dims the kernels take: 16 … 256
 
 
-def _pow2(x: int) -> bool:
+def is_pow2(x: object) -> bool:
+    """x is a positive power-of-two int (bools excluded)."""
     return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
 
 
@@ -39,7 +40,6 @@ class KernelSpec:
     partial: some pages may hold fewer than block_n valid tokens (masking is generated).
     return_lse: the kernel writes the log-sum-exp.
     tma: load tiles with Hopper tensor descriptors (TMA) instead of pointer loads.
-    warp_specialize: ask Triton to warp-specialise the kv loop (tma kernels only).
     scheduled: programs take their tile from a launcher-made longest-first schedule.
     """
 
@@ -55,13 +55,12 @@ class KernelSpec:
     partial: bool = True
     return_lse: bool = True
     tma: bool = False
-    warp_specialize: bool = False
     scheduled: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "page_size", "q_block"):
             value = getattr(self, name)
-            if not _pow2(value) or value < 16:
+            if not is_pow2(value) or value < 16:
                 raise ValueError(f"KernelSpec.{name}: expected a power of two >= 16, got {value!r}")
         if self.head_dim not in HEAD_DIMS:
             raise ValueError(
@@ -84,11 +83,9 @@ class KernelSpec:
             )
         if self.layout not in ("BLHD", "BHLD"):
             raise ValueError(f"KernelSpec.layout: expected 'BLHD' or 'BHLD', got {self.layout!r}")
-        for name in ("paged", "partial", "return_lse", "tma", "warp_specialize", "scheduled"):
+        for name in ("paged", "partial", "return_lse", "tma", "scheduled"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KernelSpec.{name}: expected a bool")
-        if self.warp_specialize and not self.tma:
-            raise ValueError("KernelSpec.warp_specialize: only supported with tma=True")
 
     @property
     def name(self) -> str:
@@ -100,7 +97,6 @@ class KernelSpec:
                 ("r", self.partial),
                 ("l", self.return_lse),
                 ("t", self.tma),
-                ("w", self.warp_specialize),
                 ("s", self.scheduled),
             )
             if on

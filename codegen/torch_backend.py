@@ -56,11 +56,15 @@ def pbsa_torch(p: Problem, return_lse: bool = True) -> tuple[Tensor, Tensor | No
 
         s = torch.matmul(q[:, :, m0:m1].float(), k.transpose(-1, -2)) * p.scale
         s = s.masked_fill(~valid.unsqueeze(-2), float("-inf"))
-        row_lse = torch.logsumexp(s, dim=-1)  # -inf where the row sees nothing
-        # Subtracting 0 instead of -inf keeps empty rows at exp(-inf) = 0 rather than NaN.
-        probs = torch.exp(s - torch.where(torch.isinf(row_lse), 0.0, row_lse).unsqueeze(-1))
-        out[:, :, m0:m1] = torch.matmul(probs, v)
-        lse[:, :, m0:m1] = row_lse
+        # Shift by the row max as the kernel does: exp(s - max) is exact for tied logits at
+        # any magnitude, where exp(s - lse) would carry lse's rounding (an ulp of 1 at 1e7).
+        # Empty rows (max -inf) shift by 0, so exp(-inf) = 0 rather than NaN.
+        top = s.amax(dim=-1, keepdim=True)
+        top = torch.where(torch.isinf(top), 0.0, top)
+        probs = torch.exp(s - top)
+        total = probs.sum(dim=-1, keepdim=True)
+        out[:, :, m0:m1] = torch.matmul(probs, v) / torch.where(total > 0, total, 1.0)
+        lse[:, :, m0:m1] = (top + torch.log(total)).squeeze(-1)  # -inf where total is 0
 
     out = out.reshape(p.batch, p.heads, mq * qb, p.head_dim)[:, :, : p.q_len].to(p.q.dtype)
     if p.layout == "BLHD":

@@ -110,6 +110,11 @@ def test_full_table_equals_dense_sdpa():
         (dict(kv_indices=torch.zeros(1, 2, 5, 3, dtype=torch.int32)), "kv_indices"),
         (dict(page_lens=torch.zeros(1, 1, 7, dtype=torch.int32)), "page_lens"),
         (dict(k=torch.zeros(1, 3, 3, 16, 16)), "k"),
+        (dict(scale=0.0), "scale"),
+        (dict(scale=-0.25), "scale"),
+        (dict(scale=math.nan), "scale"),
+        (dict(scale=math.inf), "scale"),
+        (dict(scale="0.25"), "scale"),
     ],
 )
 def test_rejects_bad_arguments(change, error):
@@ -125,3 +130,18 @@ def test_rejects_out_of_range_page_ids_on_torch_backend():
     args["kv_indices"][..., 0] = 3
     with pytest.raises(ValueError, match="kv_indices"):
         codegen.pbsa_attention(**args, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_tied_logits_keep_full_accuracy(backend):
+    """Every listed key gets the same logit 1e7 (exact in fp32): the softmax is uniform, so
+    out is the mean of the visible values whatever the magnitude."""
+    args = small_inputs(seed=6, device=DEVICE)
+    q, k = args["q"], args["k"]
+    q.zero_()[..., 0] = 1e7
+    k.zero_()[..., 0] = 1.0
+    out, lse = codegen.pbsa_attention(**args, scale=1.0, backend=backend)
+    ref_out, ref_lse = pbsa_reference(**args, scale=1.0)
+    assert ref_lse.isinf().any() and (~ref_lse.isinf()).any()  # empty and live rows
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1.0, rtol=0.0)  # fp32 ulp at 1e7

@@ -58,3 +58,70 @@ def test_cache_dir_defaults_under_user_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("SPARSE_FORCING_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache.cache_dir() == tmp_path / "sparse_forcing"
+
+
+def new_process(monkeypatch) -> None:
+    """Forget the kernels this process imported and the files it verified."""
+    import codegen.launch as launch
+
+    monkeypatch.setattr(cache, "_modules", {})
+    monkeypatch.setattr(cache, "_verified", set(), raising=False)
+    monkeypatch.setattr(launch, "_kernels", {})
+
+
+def cut_after_last_loop(text: str) -> str:
+    """The source cut at a line boundary: everything from the normalisation on is lost, so
+    the module still imports but never writes out or the LSE."""
+    return text[: text.index("    # Normalise.")]
+
+
+def lose_log2e(text: str) -> str:
+    edited = text.replace("LOG2E = tl.constexpr(1.4426950408889634)", "LOG2E = tl.constexpr(1.0)")
+    assert edited != text
+    return edited
+
+
+@pytest.mark.parametrize("damage", [cut_after_last_loop, lose_log2e])
+def test_a_damaged_cached_source_is_regenerated(fresh_cache, monkeypatch, damage):
+    import torch
+
+    from codegen import pbsa_attention
+    from codegen.reference import pbsa_reference
+    from codegen.samples import small_inputs
+
+    args = small_inputs(seed=4)
+    expected, expected_lse = pbsa_reference(**args)
+    new_process(monkeypatch)
+    pbsa_attention(**args, backend="interpret")  # writes the source
+    [path] = (fresh_cache[0] / "kernels").iterdir()
+    good = path.read_text()
+    path.write_text(damage(good))
+    new_process(monkeypatch)
+    with pytest.warns(UserWarning, match="differs from its render"):
+        out, lse = pbsa_attention(**args, backend="interpret")
+    torch.testing.assert_close(out.double(), expected, atol=2e-4, rtol=1e-4)
+    live = ~torch.isinf(expected_lse)
+    torch.testing.assert_close(lse.double()[live], expected_lse[live], atol=1e-4, rtol=1e-5)
+    assert path.read_text() == good
+
+
+def test_an_unwritable_cache_dir_falls_back_to_a_temporary_one(tmp_path, monkeypatch):
+    import torch
+
+    from codegen import pbsa_attention
+    from codegen.reference import pbsa_reference
+    from codegen.samples import small_inputs
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SPARSE_FORCING_CACHE_DIR", str(blocker / "cache"))
+    new_process(monkeypatch)
+    monkeypatch.setattr(cache, "_fallbacks", {}, raising=False)
+    args = small_inputs(seed=5)
+    with pytest.warns(UserWarning, match="not writable") as caught:
+        out, _ = pbsa_attention(**args, backend="interpret")
+        pbsa_attention(**{**args, "return_lse": False}, backend="interpret")  # another kernel
+    assert len([w for w in caught if "not writable" in str(w.message)]) == 1
+    expected, _ = pbsa_reference(**args)
+    torch.testing.assert_close(out.double(), expected, atol=2e-4, rtol=1e-4)
+    assert blocker.read_text() == ""

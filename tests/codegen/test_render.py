@@ -4,7 +4,7 @@ import ast
 
 import pytest
 
-from codegen.render import render
+from codegen.render import call_args, kernel_args, render, runtime_int_args
 from codegen.spec import KernelSpec
 
 
@@ -12,7 +12,7 @@ from codegen.spec import KernelSpec
     "spec",
     [
         KernelSpec(),
-        KernelSpec(tma=True, warp_specialize=True, dtype="float32"),
+        KernelSpec(tma=True, scheduled=True, dtype="float32"),
         KernelSpec(paged=False, layout="BHLD", return_lse=False, block_m=64, head_dim=64),
     ],
     ids=lambda s: s.name,
@@ -62,3 +62,25 @@ def test_structure_appears_as_named_constexprs():
 def test_rejects_non_spec():
     with pytest.raises(TypeError, match="spec"):
         render({"block_m": 128})
+
+
+@pytest.mark.parametrize("spec", [KernelSpec(), KernelSpec(tma=True)], ids=lambda s: s.name)
+def test_signature_is_rendered_from_the_one_argument_list(spec):
+    tree = ast.parse(render(spec))
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef))
+    names = [a.name for a in kernel_args(spec)]
+    assert [a.arg for a in fn.args.args] == [*names, "UPCAST"]
+    deco = fn.decorator_list[0]
+    [listed] = [kw.value for kw in deco.keywords if kw.arg == "do_not_specialize"]
+    assert tuple(e.value for e in listed.elts) == runtime_int_args(spec)
+
+
+def test_call_args_orders_by_the_list_and_rejects_missing_or_extra_names():
+    spec = KernelSpec()
+    names = [a.name for a in kernel_args(spec)]
+    values = {n: i for i, n in enumerate(reversed(names))}
+    assert call_args(spec, values) == [values[n] for n in names]
+    with pytest.raises(ValueError, match="call_args"):
+        call_args(spec, {n: 0 for n in names[1:]})
+    with pytest.raises(ValueError, match="call_args"):
+        call_args(spec, {**values, "kv_row_b": 0})

@@ -21,7 +21,6 @@ from codegen.spec import KernelSpec
         (dict(group=0), "group"),
         (dict(dtype="float64"), "dtype"),
         (dict(layout="BSHD"), "layout"),
-        (dict(warp_specialize=True, tma=False), "warp_specialize"),
         (dict(paged=1), "paged"),
     ],
 )
@@ -51,7 +50,7 @@ def test_every_field_changes_name_and_digest():
         dict(partial=False),
         dict(return_lse=False),
         dict(tma=True),
-        dict(tma=True, warp_specialize=True),
+        dict(tma=True, scheduled=True),
         dict(scheduled=True),
     ]
     names = {base.name} | {dataclasses.replace(base, **v).name for v in variants}
