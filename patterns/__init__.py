@@ -2,6 +2,7 @@
 symbolic KV-cache footprint. Imports torch and sympy only (never codegen)."""
 
 from patterns.block_table import BlockTable
+from patterns.cache_policy import CachePolicy
 from patterns.cache_view import CacheView
 from patterns.diagnostics import (
     attention_mass_recall,
@@ -30,6 +31,7 @@ from patterns.training import capture_qk, train_gates
 __all__ = [
     "BlockScorer",
     "BlockTable",
+    "CachePolicy",
     "CacheView",
     "Dense",
     "Footprint",

@@ -3,18 +3,18 @@
 Every pattern is a frozen dataclass with
 
 * ``select(view) -> BlockTable`` — the table for one pass of one layer (vectorised),
-* ``retained_frames(num_committed, frames_per_chunk)`` — which history frames the cache keeps
-  once ``num_committed`` frames are committed (the runtime evicts every other frame),
-* ``persistent_capacity`` and ``update_persistent(...)`` — the persistent memory (C pages per
-  kv head, updated at commit from the evicted pages),
-* ``footprint()`` — the symbolic KV-cache size (``patterns.footprint``),
+* ``cache_policy`` — what the cache keeps (``patterns.CachePolicy``: the retained frames, the
+  persistent memory of C pages per kv head updated at commit from the evicted pages, and
+  ``footprint()``, the symbolic KV-cache size), built from ``window_frames``,
+  ``sink_frames`` and ``persistent_blocks``,
 * ``full_sequence_visibility(...)`` — its form for bidirectional full-sequence attention,
   where it has one.
 
-Windows count every frame a chunk attends to, its own F frames and the sinks included (as
-``runtime.RollingCache`` does): with ``window_frames = W`` and ``sink_frames = S`` a chunk
-sees the first S frames of the video, the most recent ``W − F − S`` frames before it and
-itself. Window patterns therefore hold at most ``W − F`` history frames per layer.
+Windows count every frame a chunk attends to, its own F frames and the sinks included (the
+eager ``runtime.RollingCache`` applies the same ``CachePolicy``): with ``window_frames = W``
+and ``sink_frames = S`` a chunk sees the first S frames of the video, the most recent
+``W − F − S`` frames before it and itself. Window patterns therefore hold at most ``W − F``
+history frames per layer.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 
-import sympy as sp
 import torch
 from torch import Tensor, nn
 
 from patterns.block_table import BlockTable, expand_heads
+from patterns.cache_policy import CachePolicy
 from patterns.cache_view import CacheView
 from patterns.checks import check_int
-from patterns.footprint import Footprint, frames_per_chunk, pages_per_frame, t, window_history
+from patterns.footprint import Footprint
 from patterns.geometry import VideoGeometry
 from patterns.select_kernel import fused_select_supported, persistent_local_table
 from patterns.selection import (
@@ -40,7 +40,6 @@ from patterns.selection import (
     gather_reps,
     max_own_pages,
     own_frame_mask,
-    top_c_update,
     topk_mask,
     visible_heads,
 )
@@ -88,11 +87,12 @@ class Pattern(ABC):
 
     sink_frames: int = 0
     window_frames: int | None = None
+    persistent_blocks: int = 0
 
     @property
-    def persistent_capacity(self) -> int:
-        """Persistent pages kept per (batch, kv head); 0: evicted pages are freed."""
-        return 0
+    def cache_policy(self) -> CachePolicy:
+        """What the cache keeps for this pattern: its window, sinks and persistent memory."""
+        return CachePolicy(self.window_frames, self.sink_frames, self.persistent_blocks)
 
     @property
     def needs_scores(self) -> bool:
@@ -102,50 +102,15 @@ class Pattern(ABC):
 
     def check_geometry(self, geometry: VideoGeometry) -> None:
         """Raise ValueError when the pattern cannot run on ``geometry``."""
-        f = geometry.frames_per_chunk
-        if self.window_frames is not None and self.window_frames < self.sink_frames + f:
-            raise ValueError(
-                f"window_frames={self.window_frames} must hold the sinks and one chunk "
-                f"(sink_frames={self.sink_frames} + frames_per_chunk={f})"
-            )
-
-    def retained_frames(self, num_committed: int, frames_per_chunk: int) -> list[int]:
-        """History frames kept once frames ``[0, num_committed)`` are committed — the sinks
-        and the most recent frames of the next chunk's window — ascending."""
-        if self.window_frames is None:
-            return list(range(num_committed))
-        sinks = min(self.sink_frames, num_committed)
-        recent = self.window_frames - frames_per_chunk - sinks
-        return [*range(sinks), *range(max(sinks, num_committed - recent), num_committed)]
+        self.cache_policy.check_fits(geometry.frames_per_chunk)
 
     def footprint(self) -> Footprint:
-        """Symbolic per-layer cache size (no persistent pages by default)."""
-        return Footprint(window_history(self.window_frames), sp.Integer(0))
+        """Symbolic per-layer cache size (``cache_policy.footprint()``)."""
+        return self.cache_policy.footprint()
 
     @abstractmethod
     def select(self, view: CacheView) -> BlockTable:
         """The block table of one pass of one layer."""
-
-    def update_persistent(
-        self,
-        persistent: Tensor,
-        num_persistent: int,
-        evicted: Tensor,
-        key_reps: Tensor,
-        query_reps: Tensor | None,
-        scorer: nn.Module | None,
-    ) -> tuple[Tensor, int, Tensor]:
-        """Persistent memory after evicting ``evicted`` (int64 ``[B, Hkv, E]``).
-
-        Returns (persistent ids ``[B, Hkv, C]``, valid ids first then −1; their count; page
-        ids to free ``[B, Hkv, n]``). Without persistent memory every evicted page is freed.
-        """
-        return persistent, num_persistent, evicted
-
-    def persistent_after(self, num_persistent: int, num_evicted: int) -> int:
-        """How many persistent pages ``update_persistent`` keeps (a host count: the runtime
-        plans a commit before running it)."""
-        return num_persistent
 
     def full_sequence_visibility(
         self,
@@ -361,10 +326,6 @@ class PersistentLocal(Pattern):
             check_int(self.radius_frames, "radius_frames", 0)
 
     @property
-    def persistent_capacity(self) -> int:
-        return self.persistent_blocks
-
-    @property
     def needs_scores(self) -> bool:
         return self.persistent_blocks > 0 or self._is_sparse
 
@@ -379,18 +340,6 @@ class PersistentLocal(Pattern):
         if self.local_density is not None:
             return min(math.ceil(self.local_density * window_pages), window_pages)
         return window_pages
-
-    def footprint(self) -> Footprint:
-        history = window_history(self.window_frames)
-        evicted_frames = t * frames_per_chunk - history
-        persistent = sp.Min(self.persistent_blocks, pages_per_frame * evicted_frames)
-        # chunk frames that leave the window at their own commit compete for persistence
-        transient = (
-            pages_per_frame * sp.Max(0, 2 * frames_per_chunk - self.window_frames)
-            if self.persistent_blocks
-            else sp.Integer(0)
-        )
-        return Footprint(history, persistent, transient)
 
     def select(self, view: CacheView) -> BlockTable:
         g = view.geometry
@@ -436,34 +385,6 @@ class PersistentLocal(Pattern):
             "persistent": valid[..., :c],
             "ids": cols.ids.to(torch.int32),
         }
-
-    def update_persistent(
-        self,
-        persistent: Tensor,
-        num_persistent: int,
-        evicted: Tensor,
-        key_reps: Tensor,
-        query_reps: Tensor | None,
-        scorer: nn.Module | None,
-    ) -> tuple[Tensor, int, Tensor]:
-        if self.persistent_blocks == 0:
-            return persistent, num_persistent, evicted
-        if query_reps is None:
-            raise ValueError("PersistentLocal's update scores pages: query_reps is required")
-        return top_c_update(
-            persistent,
-            num_persistent,
-            evicted,
-            self.persistent_blocks,
-            key_reps,
-            query_reps,
-            scorer,
-        )
-
-    def persistent_after(self, num_persistent: int, num_evicted: int) -> int:
-        if self.persistent_blocks == 0:
-            return num_persistent
-        return min(self.persistent_blocks, num_persistent + num_evicted)
 
     def full_sequence_visibility(
         self,

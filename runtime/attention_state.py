@@ -157,7 +157,9 @@ class AttentionState(nn.Module):
                 max_history_frames, dtype=torch.int64, device=device
             )
             self._persistent = torch.empty(
-                (b, hkv, self.pattern.persistent_capacity), dtype=torch.int64, device=device
+                (b, hkv, self.pattern.cache_policy.persistent_capacity),
+                dtype=torch.int64,
+                device=device,
             )
         self._frame_pages.zero_()
         self._frame_index_buffer.zero_()
@@ -291,18 +293,19 @@ class AttentionState(nn.Module):
         f, ppf = g.frames_per_chunk, g.pages_per_frame
         start = self._cursor.chunk_start
         chunk = list(range(start, start + f))
-        retained = set(self.pattern.retained_frames(start + f, f))
+        policy = self.pattern.cache_policy
+        retained = set(policy.retained_frames(start + f, f))
         keep_old = [i for i, fr in enumerate(self._frames) if fr in retained]
         evict_old = [i for i, fr in enumerate(self._frames) if fr not in retained]
         keep_new = [j for j, fr in enumerate(chunk) if fr in retained]
         evict_new = [j for j, fr in enumerate(chunk) if fr not in retained]
         # chunk frames leaving the window at once need real pages to compete for P
-        transient = len(evict_new) * ppf if self.pattern.persistent_capacity else 0
+        transient = len(evict_new) * ppf if policy.persistent_capacity else 0
         evicted = len(evict_old) * ppf + transient
         kept = self._num_persistent
         freed = 0
         if evicted:
-            kept = self.pattern.persistent_after(self._num_persistent, evicted)
+            kept = policy.persistent_after(self._num_persistent, evicted)
             freed = self._num_persistent + evicted - kept
         return CommitPlan(
             keep_old,
@@ -334,7 +337,7 @@ class AttentionState(nn.Module):
             evicted.append(ids)
         evicted_ids = torch.cat(evicted, dim=-1)
         if plan.evicted:
-            persistent, kept, freed = self.pattern.update_persistent(
+            persistent, kept, freed = self.pattern.cache_policy.update_persistent(
                 self._persistent,
                 self._num_persistent,
                 evicted_ids,
@@ -344,7 +347,7 @@ class AttentionState(nn.Module):
             )
             if (kept, freed.shape[-1]) != (plan.kept, plan.freed):
                 raise RuntimeError(
-                    f"{type(self.pattern).__name__}.update_persistent kept {kept} and freed "
+                    f"{type(self.pattern).__name__}'s update_persistent kept {kept} and freed "
                     f"{freed.shape[-1]} pages; persistent_after planned {plan.kept} and "
                     f"{plan.freed}"
                 )

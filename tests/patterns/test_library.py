@@ -139,7 +139,7 @@ def test_every_table_is_valid_and_lists_only_held_pages(geometry, frames, patter
     # history slots: frames 0.. in order, with some slots absent (-1)
     history = [i if present else -1 for i, present in enumerate(frames)]
     start = len(frames)
-    slots = pattern.persistent_capacity
+    slots = pattern.cache_policy.persistent_capacity
     view = make_view(
         geometry,
         history,
@@ -314,40 +314,6 @@ def test_top_c_update_keeps_the_most_important_pages(seed, capacity, num_persist
                 )[0, kv]
                 best = {candidates[i] for i in imp.topk(kept).indices.tolist()}
                 assert set(kept_ids) == best
-
-
-def test_update_persistent_of_patterns_without_memory_frees_everything():
-    persistent = torch.zeros(1, 2, 0, dtype=torch.int64)
-    evicted = torch.arange(6).view(1, 2, 3)
-    for pattern in (Dense(4), SinkWindow(1, 5), TopK(window_frames=6), PersistentLocal(0, 4)):
-        new, kept, freed = pattern.update_persistent(persistent, 0, evicted, None, None, None)
-        assert kept == 0 and torch.equal(freed, evicted)
-
-
-# -- retention ---------------------------------------------------------------------------------
-
-
-@given(
-    window=st.integers(3, 12),
-    sinks=st.integers(0, 3),
-    frames=st.integers(1, 3),
-    committed_chunks=st.integers(1, 10),
-)
-def test_retained_frames_keep_sinks_and_the_most_recent(window, sinks, frames, committed_chunks):
-    pattern = SinkWindow(sinks, window)
-    geometry = VideoGeometry(8, frames_per_chunk=frames, page_size=8)
-    if window < sinks + frames:
-        with pytest.raises(ValueError, match="window_frames"):
-            pattern.check_geometry(geometry)
-        return
-    n = committed_chunks * frames
-    kept = pattern.retained_frames(n, frames)
-    assert kept == sorted(set(kept)) and all(0 <= f < n for f in kept)
-    assert len(kept) == min(n, window - frames)  # the next chunk sees at most `window`
-    assert set(range(min(sinks, n))) <= set(kept)
-    recent = [f for f in kept if f >= sinks]
-    assert recent == list(range(n - len(recent), n))
-    assert Dense().retained_frames(n, frames) == list(range(n))
 
 
 # -- no loops over heads or blocks -------------------------------------------------------------
