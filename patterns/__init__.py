@@ -15,18 +15,17 @@ from patterns.footprint import Footprint
 from patterns.full_sequence import full_sequence_table
 from patterns.geometry import VideoGeometry
 from patterns.library import Dense, Pattern, PersistentLocal, SinkWindow, TopK
+from patterns.scorer_weights import load_scorers, save_scorers
 from patterns.scoring import (
     BlockScorer,
     block_attention_mass,
     iter_scorers,
-    load_gates,
     pool_key_blocks,
     pool_pages,
     pool_query_blocks,
     query_block_rows,
-    save_gates,
 )
-from patterns.training import capture_qk, train_gates
+from patterns.training import capture_qk, train_scorers
 
 __all__ = [
     "BlockScorer",
@@ -43,17 +42,17 @@ __all__ = [
     "block_attention_mass",
     "full_sequence_table",
     "iter_scorers",
-    "load_gates",
+    "load_scorers",
     "pool_key_blocks",
     "pool_pages",
     "pool_query_blocks",
     "query_block_rows",
-    "save_gates",
+    "save_scorers",
     "attention_mass_recall",
     "capture_qk",
     "plot_block_mask",
     "plot_recall_heatmap",
     "topk_mask",
     "topk_recall",
-    "train_gates",
+    "train_scorers",
 ]

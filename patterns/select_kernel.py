@@ -91,7 +91,7 @@ def _window_scores_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     block_ok = offs_m < num_q_blocks
 
-    # Fold both compressions and 1/sqrt(D) into the queries: (q̄ Wq)·(k̄ Wk) = (q̄ Wq Wkᵀ)·k̄,
+    # Fold both projections and 1/sqrt(D) into the queries: (q̄ Wq)·(k̄ Wk) = (q̄ Wq Wkᵀ)·k̄,
     # so keys are scored as they are stored. tf32x3 keeps float32 accuracy on tensor cores.
     q_rows = (pid_bh * num_q_blocks + offs_m).to(tl.int64)
     q_mean = tl.load(QMean + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=block_ok[:, None],

@@ -1,4 +1,4 @@
-"""Gate training by self-distillation from dense attention.
+"""Block scorer training by self-distillation from dense attention.
 
 A layer's ``BlockScorer`` sees only block means, so it is trained to predict, for every query
 block, how the dense attention of the real tokens distributes over key blocks::
@@ -36,7 +36,7 @@ from patterns.scoring import (
     query_block_rows,
 )
 
-__all__ = ["QKSample", "capture_qk", "train_gates"]
+__all__ = ["QKSample", "capture_qk", "train_scorers"]
 
 QKSample = tuple[Tensor, Tensor] | Mapping[str, Tensor]
 """One captured attention call: ``(q, k)`` or ``{"q": q, "k": k}``, BLHD."""
@@ -141,7 +141,7 @@ def _recall(scorer: BlockScorer, groups: Sequence[_Prepared], topk: int | float)
     return total / count
 
 
-def train_gates(
+def train_scorers(
     scorers: Sequence[BlockScorer],
     samples: Sequence[Sequence[QKSample]],
     *,
@@ -198,7 +198,7 @@ def train_gates(
     params = [p for s in scorers for p in s.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
-    with torch.enable_grad(), tqdm(range(steps), desc="train gates", disable=not progress) as bar:
+    with torch.enable_grad(), tqdm(range(steps), desc="train scorers", disable=not progress) as bar:
         for _ in bar:
             optimizer.zero_grad(set_to_none=True)
             loss = torch.stack(
@@ -238,7 +238,7 @@ def capture_qk(
     modules: one module per layer, each called as ``module(q, k, v, ...)`` with BLHD
     ``q [B, Lq, H, D]`` and ``k [B, Lk, Hkv, D]`` (positionally or as ``q=``/``k=``).
     Yields a list with one list per module, filled during the ``with`` block with detached
-    copies on ``device`` — exactly the ``samples`` format of ``train_gates``. The hooks are
+    copies on ``device`` — exactly the ``samples`` format of ``train_scorers``. The hooks are
     removed on exit, also after an error.
     """
     modules = list(modules)

@@ -87,8 +87,8 @@ def _take(x: Tensor, dim: int, index: list[int]) -> Tensor:
 class AttentionState(nn.Module):
     """Self-attention of one layer over the paged cache.
 
-    Holds the layer's ``BlockScorer`` (``self.scorer``, so gates are in the state_dict), its
-    history frames (absolute indices, temporal order, with their page ids
+    Holds the layer's ``BlockScorer`` (``self.scorer``, so its projections are in the
+    state_dict), its history frames (absolute indices, temporal order, with their page ids
     ``[B, Hkv, frames, ppf]``) and its persistent page ids ``[B, Hkv, C]``.
     """
 
