@@ -8,7 +8,6 @@ from patterns.diagnostics import (
     attention_mass_recall,
     plot_block_mask,
     plot_recall_heatmap,
-    topk_mask,
     topk_recall,
 )
 from patterns.footprint import Footprint
@@ -25,6 +24,7 @@ from patterns.scoring import (
     pool_query_blocks,
     query_block_rows,
 )
+from patterns.selection import topk_mask
 from patterns.training import capture_qk, train_scorers
 
 __all__ = [

@@ -272,10 +272,10 @@ class TopK(Pattern):
 
         frame_scores = block_logits(view, frame_reps)  # [B, H, Mq, Fh]
         frames_kept = math.ceil(self.frame_density * len(scored))
-        chosen_frames = topk_mask(frame_scores, scored_frame, frames_kept)
+        chosen_frames = topk_mask(frame_scores, frames_kept, scored_frame)
         page_scores = block_logits(view, page_reps)  # [B, H, Mq, Fh·ppf]
         pages_kept = min(math.ceil(density * len(scored) * ppf), frames_kept * ppf)
-        chosen = topk_mask(page_scores, chosen_frames.repeat_interleave(ppf, dim=-1), pages_kept)
+        chosen = topk_mask(page_scores, pages_kept, chosen_frames.repeat_interleave(ppf, dim=-1))
         chosen = torch.nn.functional.pad(chosen, (cols.num_persistent, cols.num_chunk))
         vis = expand_heads(forced, view.num_heads, "forced")[:, :, None, :] | chosen
 
@@ -407,13 +407,13 @@ class PersistentLocal(Pattern):
         scorer = default_scorer(scorer, heads, kv_heads, dim, q_reps.device)
         local, own_max = window, 0
         if k < window_max:
-            local = topk_mask(scorer.block_logits(q_reps, k_reps), window, k)
+            local = topk_mask(scorer.block_logits(q_reps, k_reps), k, window)
             if self.force_own_frame:
                 local = local | layout.frame_overlap(0)
                 own_max = layout.max_blocks_within(0)
         if c:
             everything = torch.ones(k_reps.shape[:3], dtype=torch.bool, device=k_reps.device)
             importance = scorer.importance(q_reps, k_reps, everything)
-            persistent = topk_mask(importance, everything, c)  # [B, Hkv, N]
+            persistent = topk_mask(importance, c)  # [B, Hkv, N]
             local = local | expand_heads(persistent, heads, "persistent")[:, :, None, :]
         return local, min(n, c + k + own_max)

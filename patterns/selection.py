@@ -135,12 +135,18 @@ def block_logits(view: CacheView, key_reps: Tensor) -> Tensor:
     return scorer.block_logits(q, key_reps)
 
 
-def topk_mask(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
-    """bool mask of the ``k`` best allowed entries of every row of ``scores`` (last dim).
+def topk_mask(scores: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
+    """bool mask, shaped like ``scores`` ``[..., N]``, of the ``k`` highest entries of every
+    row (last dim) among the ``allowed`` ones (ties: any).
 
-    allowed broadcasts against scores; rows with fewer than k allowed entries keep all of
-    them. ``k`` is a host int.
+    allowed: bool, broadcasts against scores (None: every entry); rows with fewer than k
+    allowed entries keep all of them. ``k`` is a host int >= 0 (k >= N keeps every allowed
+    entry).
     """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"k must be an int >= 0 (entries kept per row), got {k!r}")
+    if allowed is None:
+        allowed = torch.ones((), dtype=torch.bool, device=scores.device)
     allowed = allowed.expand_as(scores)
     if k >= scores.shape[-1]:
         return allowed.clone()

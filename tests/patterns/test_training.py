@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from patterns.diagnostics import attention_mass_recall, topk_mask
+from patterns.diagnostics import attention_mass_recall
 from patterns.scoring import BlockScorer, block_attention_mass, pool_key_blocks, pool_query_blocks
+from patterns.selection import topk_mask
 from patterns.training import capture_qk, train_scorers
 
 HEADS, KV_HEADS, DIM, BLOCK, KEY_BLOCKS = 4, 2, 16, 16, 16
