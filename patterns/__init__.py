@@ -1,6 +1,7 @@
 """What to attend: video geometry, the pattern library, block scoring, block tables and the
 symbolic KV-cache footprint. Imports torch and sympy only (never codegen)."""
 
+from patterns.bidirectional_table import full_sequence_table
 from patterns.block_table import BlockTable
 from patterns.cache_policy import CachePolicy
 from patterns.cache_view import CacheView
@@ -11,7 +12,6 @@ from patterns.diagnostics import (
     topk_recall,
 )
 from patterns.footprint import Footprint
-from patterns.full_sequence import full_sequence_table
 from patterns.geometry import VideoGeometry
 from patterns.library import Dense, Pattern, PersistentLocal, SinkWindow, TopK
 from patterns.scorer_weights import load_scorers, save_scorers

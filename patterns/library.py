@@ -39,9 +39,9 @@ from patterns.selection import (
     default_scorer,
     gather_reps,
     max_own_pages,
-    own_frame_mask,
     topk_mask,
     visible_heads,
+    window_columns,
 )
 
 __all__ = ["Pattern", "Dense", "SinkWindow", "TopK", "PersistentLocal", "FullSequenceLayout"]
@@ -132,20 +132,19 @@ class Pattern(ABC):
 
 
 def _all_visible(view: CacheView) -> BlockTable:
-    """Every held page of the view, the same for all query blocks (memoised: the layout
-    alone decides it)."""
-
-    def build() -> BlockTable:
+    """Every held page of the view, the same for all query blocks (once per chunk: the
+    layout alone decides it)."""
+    layout = view.layout
+    if layout.all_visible is None:
         g = view.geometry
-        return BlockTable.from_visibility(
+        layout.all_visible = BlockTable.from_visibility(
             visible_heads(view),
             g.q_block,
             g.page_size,
             columns(view).ids,
             num_q_blocks=g.q_blocks_per_chunk,
         )
-
-    return view.cached("all_visible", build)
+    return layout.all_visible
 
 
 @dataclass(frozen=True)
@@ -354,37 +353,16 @@ class PersistentLocal(Pattern):
         bound = min(num_columns, c + k + own_pages)
         if fused_select_supported(view):
             return persistent_local_table(view, k, bound, self.force_own_frame)
-        fixed = view.cached("persistent_local", lambda: self._fixed_parts(view))
-        scores = block_logits(view, view.key_reps.gather(2, fixed["rep_index"]))
-        # topk_mask inlined over the memoised mask (saves a negation and a copy per pass)
-        masked = scores.masked_fill(fixed["blocked"], float("-inf"))
+        window = window_columns(view)
+        scores = block_logits(view, view.key_reps.gather(2, window.rep_index))
+        # topk_mask inlined over the per-chunk mask (saves a negation and a copy per pass)
+        masked = scores.masked_fill(window.blocked, float("-inf"))
         picked = torch.zeros(masked.shape, dtype=torch.bool, device=masked.device)
-        local = picked.scatter_(-1, masked.topk(k, dim=-1).indices, True) & fixed["allowed"]
+        local = picked.scatter_(-1, masked.topk(k, dim=-1).indices, True) & window.allowed
         if self.force_own_frame:
-            local = local | fixed["own"]  # chunk pages are always valid
-        vis = torch.cat([fixed["persistent"].expand(*local.shape[:3], c), local], dim=-1)
-        return BlockTable.from_visibility(vis, g.q_block, g.page_size, fixed["ids"], bound)
-
-    @staticmethod
-    def _fixed_parts(view: CacheView) -> dict[str, Tensor]:
-        """What ``select`` needs that depends on the cache layout only (built once per chunk):
-        the gather index of the window pages' key reps ``[B, Hkv, Nw, D]``, their validity
-        per query head ``[B, H, 1, Nw]`` and its negation, the own-frame mask ``[Mq, Nw]``,
-        the persistent columns' validity ``[B, H, 1, C]`` and the column ids in int32."""
-        cols = columns(view)
-        c = cols.num_persistent
-        valid = visible_heads(view)  # [B, H, 1, N]
-        window_ids = cols.ids[..., c:]
-        return {
-            "rep_index": window_ids.clamp(min=0)[..., None]
-            .expand(*window_ids.shape, view.key_reps.shape[-1])
-            .contiguous(),
-            "allowed": valid[..., c:],
-            "blocked": ~valid[..., c:],
-            "own": own_frame_mask(view)[:, c:],
-            "persistent": valid[..., :c],
-            "ids": cols.ids.to(torch.int32),
-        }
+            local = local | window.own  # chunk pages are always valid
+        vis = torch.cat([window.persistent.expand(*local.shape[:3], c), local], dim=-1)
+        return BlockTable.from_visibility(vis, g.q_block, g.page_size, window.ids, bound)
 
     def full_sequence_visibility(
         self,

@@ -189,7 +189,7 @@ class AttentionState(nn.Module):
         return [self._frame_pages, self._frame_index_buffer, self._persistent]
 
     def invalidate_layout(self) -> None:
-        """Drop this chunk's layout memo: the next pass rebuilds it (inside a graph capture,
+        """Drop this chunk's layout: the next pass rebuilds it (inside a graph capture,
         so that the graph recomputes it on every replay)."""
         self._layout = None
 
@@ -233,7 +233,7 @@ class AttentionState(nn.Module):
     def view(self, queries: Tensor) -> CacheView:
         """The cache as the pattern sees it for the current chunk's ``queries`` (BLHD, this
         pass's). The layout part is built once per chunk; every pass's view shares its memo
-        (see ``CacheView.cached``)."""
+        (see ``CacheView.layout``)."""
         pool = self._require_pool()
         if self._layout is None or self._layout.chunk_start != self._cursor.chunk_start:
             g = self.geometry
@@ -254,7 +254,7 @@ class AttentionState(nn.Module):
                 scorer=self.scorer,
                 start=self._cursor.start,
             )
-        # a shallow copy shares the memo and skips __post_init__'s checks, which the layout
+        # a shallow copy shares the layout and skips __post_init__'s checks, which the layout
         # passed once this chunk (dataclasses.replace would re-run them on every pass)
         view = copy.copy(self._layout)
         object.__setattr__(view, "queries", queries)

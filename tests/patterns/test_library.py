@@ -350,6 +350,23 @@ def test_table_building_op_count_does_not_depend_on_heads_or_blocks(pattern):
     assert counts[0] == counts[1]
 
 
+def test_the_views_of_a_chunk_share_its_layout_built_once():
+    geometry = VideoGeometry(16, frames_per_chunk=2, page_size=8, q_block=8)
+    pattern = PersistentLocal(6, 12, local_topk=3)
+    view = make_view(geometry, [0, 1, 2, 3, 4], 5, slots=6, num_persistent=4)
+    first = pattern.select(view)
+    again = dataclasses.replace(view, query_reps=view.query_reps.flip(2))
+    assert again.layout is view.layout
+    assert view.layout.columns is not None and view.layout.window is not None
+    with _CountOps() as shared:
+        table = pattern.select(again)
+    view.layout.clear()
+    with _CountOps() as fresh:
+        rebuilt = pattern.select(again)
+    assert shared.count < fresh.count
+    assert row_sets(table) == row_sets(rebuilt) != row_sets(first)
+
+
 # -- full sequence -----------------------------------------------------------------------------
 
 
