@@ -31,8 +31,8 @@ from patterns.cache_policy import CachePolicy
 from patterns.cache_view import CacheView
 from patterns.checks import check_int
 from patterns.footprint import Footprint
+from patterns.fused_select import fused_select_supported
 from patterns.geometry import VideoGeometry
-from patterns.select_kernel import fused_select_supported, persistent_local_table
 from patterns.selection import (
     block_logits,
     columns,
@@ -352,6 +352,8 @@ class PersistentLocal(Pattern):
         num_columns = c + (len(view.history_frames) + g.frames_per_chunk) * g.pages_per_frame
         bound = min(num_columns, c + k + own_pages)
         if fused_select_supported(view):
+            from patterns.select_kernel import persistent_local_table  # imports triton
+
             return persistent_local_table(view, k, bound, self.force_own_frame)
         window = window_columns(view)
         scores = block_logits(view, view.key_reps.gather(2, window.rep_index))
