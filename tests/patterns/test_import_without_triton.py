@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(
         page_lens=torch.full((1, 1, 3), 8, dtype=torch.int32), key_reps=torch.randn(1, 1, 3, 4),
         query_reps=torch.randn(1, 2, 1, 4),
     )
-    table = PersistentLocal(0, 3, local_topk=2).select(view)
+    table = PersistentLocal(0, 3, local_topk=2, force_own_frame=False).select(view)
     assert table.kv_num_blocks.tolist() == [[[2], [2]]], table.kv_num_blocks
     print("ok")
     """
