@@ -59,7 +59,9 @@ class FullSequenceLayout:
     q_frames: int64 ``[Mq, 2]`` first/last frame of each query block; k_frames: int64
     ``[N, 2]`` the same for each key block (key blocks of ``page_size`` tokens tile the flat
     sequence, so unlike cached pages they may straddle two frames). q_block_span: most frames
-    one query block touches (host int).
+    one query block touches (host int). For patterns that score blocks (``needs_scores``)
+    one call's q_reps ``[B, H, Mq, D]``, k_reps ``[B, Hkv, N, D]`` (raw means) and the
+    layer's scorer (None: an untrained one).
     """
 
     geometry: VideoGeometry
@@ -67,6 +69,9 @@ class FullSequenceLayout:
     q_frames: Tensor
     k_frames: Tensor
     q_block_span: int
+    q_reps: Tensor | None = None
+    k_reps: Tensor | None = None
+    scorer: nn.Module | None = None
 
     def frame_overlap(self, radius: int) -> Tensor:
         """bool ``[Mq, N]``: key block n touches a frame within ``radius`` frames of one of
@@ -112,16 +117,10 @@ class Pattern(ABC):
     def select(self, view: CacheView) -> BlockTable:
         """The block table of one pass of one layer."""
 
-    def full_sequence_visibility(
-        self,
-        layout: FullSequenceLayout,
-        q_reps: Tensor | None,
-        k_reps: Tensor | None,
-        scorer: nn.Module | None,
-    ) -> tuple[Tensor, int]:
+    def full_sequence_visibility(self, layout: FullSequenceLayout) -> tuple[Tensor, int]:
         """Visibility ``[B|1, H|1, Mq|1, N]`` for bidirectional full-sequence attention, and a
-        bound on the visible count per row. q_reps ``[B, H, Mq, D]`` and k_reps
-        ``[B, Hkv, N, D]`` (raw means) are given when ``needs_scores``."""
+        bound on the visible count per row. The layout carries the pooled reps when
+        ``needs_scores``."""
         raise ValueError(f"{type(self).__name__} has no full-sequence form")
 
     def _params(self) -> str:
@@ -167,13 +166,7 @@ class Dense(Pattern):
     def select(self, view: CacheView) -> BlockTable:
         return _all_visible(view)
 
-    def full_sequence_visibility(
-        self,
-        layout: FullSequenceLayout,
-        q_reps: Tensor | None,
-        k_reps: Tensor | None,
-        scorer: nn.Module | None,
-    ) -> tuple[Tensor, int]:
+    def full_sequence_visibility(self, layout: FullSequenceLayout) -> tuple[Tensor, int]:
         if self.window_frames is not None or self.sink_frames:
             raise ValueError("only Dense() (no window, no sink) has a full-sequence form")
         n = layout.k_frames.shape[0]
@@ -366,13 +359,7 @@ class PersistentLocal(Pattern):
         vis = torch.cat([window.persistent.expand(*local.shape[:3], c), local], dim=-1)
         return BlockTable.from_visibility(vis, g.q_block, g.page_size, window.ids, bound)
 
-    def full_sequence_visibility(
-        self,
-        layout: FullSequenceLayout,
-        q_reps: Tensor | None,
-        k_reps: Tensor | None,
-        scorer: nn.Module | None,
-    ) -> tuple[Tensor, int]:
+    def full_sequence_visibility(self, layout: FullSequenceLayout) -> tuple[Tensor, int]:
         n = layout.k_frames.shape[0]
         radius = self.window_frames // 2 if self.radius_frames is None else self.radius_frames
         window = layout.frame_overlap(radius)[None, None]  # [1, 1, Mq, N]
@@ -381,10 +368,11 @@ class PersistentLocal(Pattern):
         c = min(self.persistent_blocks, n)
         if k >= window_max and c == 0:
             return window, window_max
+        q_reps, k_reps = layout.q_reps, layout.k_reps
         if q_reps is None or k_reps is None:
             raise ValueError("PersistentLocal scores blocks here: q_reps and k_reps are required")
         heads, kv_heads, dim = q_reps.shape[1], k_reps.shape[1], q_reps.shape[3]
-        scorer = default_scorer(scorer, heads, kv_heads, dim, q_reps.device)
+        scorer = default_scorer(layout.scorer, heads, kv_heads, dim, q_reps.device)
         local, own_max = window, 0
         if k < window_max:
             local = topk_mask(scorer.block_logits(q_reps, k_reps), k, window)

@@ -3,7 +3,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patterns import CachePolicy, Dense, PersistentLocal, SinkWindow, TopK, VideoGeometry
+from patterns import (
+    BlockScorer,
+    CachePolicy,
+    Dense,
+    PersistentLocal,
+    SinkWindow,
+    TopK,
+    VideoGeometry,
+)
 from runtime import AttentionRuntime
 from runtime.eager import FrameCache, GlobalCache, RollingCache
 
@@ -72,7 +80,7 @@ def test_update_without_memory_frees_everything():
     num_persistent=st.integers(0, 6),
     evicted=st.integers(0, 6),
 )
-def test_persistent_after_is_the_count_update_persistent_keeps(
+def test_update_keeps_the_most_important_pages_and_the_planned_count(
     seed, capacity, num_persistent, evicted
 ):
     num_persistent = min(num_persistent, capacity)
@@ -83,17 +91,33 @@ def test_persistent_after_is_the_count_update_persistent_keeps(
     ids = ids.view(b, hkv, num_pages)
     persistent = torch.full((b, hkv, capacity), -1, dtype=torch.int64)
     persistent[..., :num_persistent] = ids[..., :num_persistent]
-    offered = ids[..., num_persistent : num_persistent + evicted]
+    out_ids = ids[..., num_persistent : num_persistent + evicted]
     key_reps = torch.randn(b, hkv, num_pages, D, generator=g)
     q_reps = torch.randn(b, 4, 3, D, generator=g)
     new, kept, freed = policy.update_persistent(
-        persistent, num_persistent, offered, key_reps, q_reps, None
+        persistent, num_persistent, out_ids, key_reps, q_reps, None
     )
-    assert kept == policy.persistent_after(num_persistent, evicted)
-    assert freed.shape[-1] == num_persistent + evicted - kept
-    assert ((new >= 0).sum(-1) == kept).all()
+    total = num_persistent + evicted
+    assert kept == policy.persistent_after(num_persistent, evicted) == min(capacity, total)
+    assert new.shape == (b, hkv, capacity) and freed.shape == (b, hkv, total - kept)
+    assert (new[..., kept:] == -1).all()
+    scorer = BlockScorer(4, 2, D)
+    for bi in range(b):
+        for kv in range(hkv):
+            candidates = persistent[bi, kv, :num_persistent].tolist() + out_ids[bi, kv].tolist()
+            kept_ids = new[bi, kv, :kept].tolist()
+            assert kept_ids == sorted(kept_ids)
+            assert sorted(kept_ids + freed[bi, kv].tolist()) == sorted(candidates)
+            if kept < total:
+                imp = scorer.importance(
+                    q_reps[bi : bi + 1],
+                    key_reps[bi : bi + 1, :, candidates],
+                    torch.ones(1, hkv, total, dtype=torch.bool),
+                )[0, kv]
+                best = {candidates[i] for i in imp.topk(kept).indices.tolist()}
+                assert set(kept_ids) == best
     with pytest.raises(ValueError, match="query_reps"):
-        policy.update_persistent(persistent, num_persistent, offered, key_reps, None, None)
+        policy.update_persistent(persistent, num_persistent, out_ids, key_reps, None, None)
 
 
 # -- the eager dense cache and the paged runtime keep the same frames ---------------------------

@@ -19,7 +19,6 @@ from patterns import (
     pool_key_blocks,
     pool_query_blocks,
 )
-from patterns.selection import top_c_update
 
 # -- a synthetic cache ------------------------------------------------------------------------
 
@@ -270,50 +269,6 @@ def test_topk_schedule_is_denser_early_and_first_chunk_dense():
     assert early > late > 0.25
     assert math.isclose(late, 1 - (0.75 - 0.5 * math.sqrt(3 / 48)))
     assert TopK(density=0.25).density_at(30, 3) == 0.25
-
-
-# -- persistent update -------------------------------------------------------------------------
-
-
-@given(
-    seed=st.integers(0, 100),
-    capacity=st.integers(1, 6),
-    num_persistent=st.integers(0, 6),
-    evicted=st.integers(1, 6),
-)
-def test_top_c_update_keeps_the_most_important_pages(seed, capacity, num_persistent, evicted):
-    num_persistent = min(num_persistent, capacity)
-    g = torch.Generator().manual_seed(seed)
-    b, hkv, d, num_pages = 2, 2, 8, 20
-    ids = torch.stack([torch.randperm(num_pages, generator=g) for _ in range(b * hkv)])
-    ids = ids.view(b, hkv, num_pages)
-    persistent = torch.full((b, hkv, capacity), -1, dtype=torch.int64)
-    persistent[..., :num_persistent] = ids[..., :num_persistent]
-    out_ids = ids[..., num_persistent : num_persistent + evicted]
-    key_reps = torch.randn(b, hkv, num_pages, d, generator=g)
-    q_reps = torch.randn(b, 4, 3, d, generator=g)
-    new, kept, freed = top_c_update(
-        persistent, num_persistent, out_ids, capacity, key_reps, q_reps, None
-    )
-    total = num_persistent + evicted
-    assert kept == min(capacity, total)
-    assert new.shape == (b, hkv, capacity) and freed.shape == (b, hkv, total - kept)
-    assert (new[..., kept:] == -1).all()
-    scorer = BlockScorer(4, 2, d)
-    for bi in range(b):
-        for kv in range(hkv):
-            candidates = persistent[bi, kv, :num_persistent].tolist() + out_ids[bi, kv].tolist()
-            kept_ids = new[bi, kv, :kept].tolist()
-            assert kept_ids == sorted(kept_ids)
-            assert sorted(kept_ids + freed[bi, kv].tolist()) == sorted(candidates)
-            if kept < total:
-                imp = scorer.importance(
-                    q_reps[bi : bi + 1],
-                    key_reps[bi : bi + 1, :, candidates],
-                    torch.ones(1, hkv, total, dtype=torch.bool),
-                )[0, kv]
-                best = {candidates[i] for i in imp.topk(kept).indices.tolist()}
-                assert set(kept_ids) == best
 
 
 # -- no loops over heads or blocks -------------------------------------------------------------
