@@ -1,10 +1,12 @@
 """What to attend: video geometry, the pattern library, block scoring, block tables and the
-symbolic KV-cache footprint. Imports torch and sympy only (never codegen)."""
+symbolic KV-cache footprint. Imports torch and sympy only (never codegen); triton is imported
+only on the CUDA selection path, by ``patterns.select_kernel``."""
 
 from patterns.bidirectional_table import full_sequence_table
 from patterns.block_table import BlockTable
 from patterns.cache_policy import CachePolicy
 from patterns.cache_view import CacheView
+from patterns.chunk_layout import ChunkLayout
 from patterns.diagnostics import (
     attention_mass_recall,
     plot_block_mask,
@@ -32,6 +34,7 @@ __all__ = [
     "BlockTable",
     "CachePolicy",
     "CacheView",
+    "ChunkLayout",
     "Dense",
     "Footprint",
     "Pattern",
