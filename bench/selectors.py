@@ -89,7 +89,7 @@ def persistent_local(
 
     def select() -> object:
         if fresh_layout:
-            view.memo.clear()
+            view.layout.clear()
         if fused:
             return pattern.select(dataclasses.replace(view, queries=q))
         reps = pool_query_blocks(q, g.q_block)

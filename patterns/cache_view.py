@@ -7,19 +7,16 @@ its own ids, but the frame structure (which frames are held) is shared by all ro
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from patterns.chunk_layout import ChunkLayout
 from patterns.geometry import VideoGeometry
 from patterns.scoring import pool_query_blocks
 
 __all__ = ["CacheView"]
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,8 +43,9 @@ class CacheView:
     start: int64 0-dim tensor on the cache's device equal to ``chunk_start``, or None. The
         runtime gives it so that device work never bakes the chunk's position in: a CUDA
         graph captured over one chunk's view then replays at a later chunk of the same shape.
-    memo: per-chunk cache of ``cached`` (views made from one another by
-        ``dataclasses.replace`` share it, so the runtime builds the layout once per chunk).
+    layout: the chunk's derived tensors (``patterns.ChunkLayout``), built on first use; views
+        made from one another (a shallow copy, ``dataclasses.replace``) share it, so the
+        runtime builds them once per chunk.
     """
 
     geometry: VideoGeometry
@@ -64,7 +62,7 @@ class CacheView:
     queries: Tensor | None = None
     scorer: nn.Module | None = None
     start: Tensor | None = None
-    memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+    layout: ChunkLayout = field(default_factory=ChunkLayout, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -118,11 +116,3 @@ class CacheView:
     def present_history(self) -> tuple[int, ...]:
         """Absolute frames actually held, in temporal order (host)."""
         return tuple(f for f in self.history_frames if f >= 0)
-
-    def cached(self, key: str, build: Callable[[], T]) -> T:
-        """``build()``, computed once per memo. Only for values that depend on the cache
-        layout (page ids, frames, chunk start, shapes) — never on ``query_reps`` or on the
-        pool's contents, which change every pass."""
-        if key not in self.memo:
-            self.memo[key] = build()
-        return self.memo[key]  # type: ignore[return-value]

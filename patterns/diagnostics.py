@@ -12,15 +12,14 @@ import os
 import torch
 from torch import Tensor
 
-from patterns import selection
 from patterns.files import atomic_path
 from patterns.scoring import block_attention_mass, query_block_rows
+from patterns.selection import topk_mask
 
 __all__ = [
     "attention_mass_recall",
     "plot_block_mask",
     "plot_recall_heatmap",
-    "topk_mask",
     "topk_recall",
 ]
 
@@ -75,14 +74,6 @@ def attention_mass_recall(
     return _weighted_recall(kept, rows).float()
 
 
-def topk_mask(scores: Tensor, k: int) -> Tensor:
-    """Bool mask ``[..., N]`` of the ``k`` highest scores along the last dim (ties: any)."""
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= scores.shape[-1]:
-        raise ValueError(f"k must be an int in [1, {scores.shape[-1]}] (key blocks), got {k!r}")
-    every = torch.ones((), dtype=torch.bool, device=scores.device)
-    return selection.topk_mask(scores, every, k)
-
-
 def topk_recall(
     scores: Tensor, mass: Tensor, k: int, *, row_weights: Tensor | None = None
 ) -> Tensor:
@@ -100,6 +91,8 @@ def topk_recall(
             f"scores and mass must have the same [B, H, M, N] shape, "
             f"got {list(scores.shape)} and {list(mass.shape)}"
         )
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= scores.shape[-1]:
+        raise ValueError(f"k must be an int in [1, {scores.shape[-1]}] (key blocks), got {k!r}")
     keep = topk_mask(scores.to(mass.device), k)
     kept = (mass * keep).sum(-1)
     return _weighted_recall(kept, row_weights).float()

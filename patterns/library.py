@@ -3,18 +3,18 @@
 Every pattern is a frozen dataclass with
 
 * ``select(view) -> BlockTable`` — the table for one pass of one layer (vectorised),
-* ``retained_frames(num_committed, frames_per_chunk)`` — which history frames the cache keeps
-  once ``num_committed`` frames are committed (the runtime evicts every other frame),
-* ``persistent_capacity`` and ``update_persistent(...)`` — the persistent memory (C pages per
-  kv head, updated at commit from the evicted pages),
-* ``footprint()`` — the symbolic KV-cache size (``patterns.footprint``),
+* ``cache_policy`` — what the cache keeps (``patterns.CachePolicy``: the retained frames, the
+  persistent memory of C pages per kv head updated at commit from the evicted pages, and
+  ``footprint()``, the symbolic KV-cache size), built from ``window_frames``,
+  ``sink_frames`` and ``persistent_blocks``,
 * ``full_sequence_visibility(...)`` — its form for bidirectional full-sequence attention,
   where it has one.
 
-Windows count every frame a chunk attends to, its own F frames and the sinks included (as
-``runtime.RollingCache`` does): with ``window_frames = W`` and ``sink_frames = S`` a chunk
-sees the first S frames of the video, the most recent ``W − F − S`` frames before it and
-itself. Window patterns therefore hold at most ``W − F`` history frames per layer.
+Windows count every frame a chunk attends to, its own F frames and the sinks included (the
+eager ``runtime.RollingCache`` applies the same ``CachePolicy``): with ``window_frames = W``
+and ``sink_frames = S`` a chunk sees the first S frames of the video, the most recent
+``W − F − S`` frames before it and itself. Window patterns therefore hold at most ``W − F``
+history frames per layer.
 """
 
 from __future__ import annotations
@@ -23,26 +23,25 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 
-import sympy as sp
 import torch
 from torch import Tensor, nn
 
 from patterns.block_table import BlockTable, expand_heads
+from patterns.cache_policy import CachePolicy
 from patterns.cache_view import CacheView
 from patterns.checks import check_int
-from patterns.footprint import Footprint, frames_per_chunk, pages_per_frame, t, window_history
+from patterns.footprint import Footprint
+from patterns.fused_select import fused_select_supported
 from patterns.geometry import VideoGeometry
-from patterns.select_kernel import fused_select_supported, persistent_local_table
 from patterns.selection import (
     block_logits,
     columns,
     default_scorer,
     gather_reps,
     max_own_pages,
-    own_frame_mask,
-    top_c_update,
     topk_mask,
     visible_heads,
+    window_columns,
 )
 
 __all__ = ["Pattern", "Dense", "SinkWindow", "TopK", "PersistentLocal", "FullSequenceLayout"]
@@ -60,7 +59,9 @@ class FullSequenceLayout:
     q_frames: int64 ``[Mq, 2]`` first/last frame of each query block; k_frames: int64
     ``[N, 2]`` the same for each key block (key blocks of ``page_size`` tokens tile the flat
     sequence, so unlike cached pages they may straddle two frames). q_block_span: most frames
-    one query block touches (host int).
+    one query block touches (host int). For patterns that score blocks (``needs_scores``)
+    one call's q_reps ``[B, H, Mq, D]``, k_reps ``[B, Hkv, N, D]`` (raw means) and the
+    layer's scorer (None: an untrained one).
     """
 
     geometry: VideoGeometry
@@ -68,6 +69,9 @@ class FullSequenceLayout:
     q_frames: Tensor
     k_frames: Tensor
     q_block_span: int
+    q_reps: Tensor | None = None
+    k_reps: Tensor | None = None
+    scorer: nn.Module | None = None
 
     def frame_overlap(self, radius: int) -> Tensor:
         """bool ``[Mq, N]``: key block n touches a frame within ``radius`` frames of one of
@@ -88,11 +92,12 @@ class Pattern(ABC):
 
     sink_frames: int = 0
     window_frames: int | None = None
+    persistent_blocks: int = 0
 
     @property
-    def persistent_capacity(self) -> int:
-        """Persistent pages kept per (batch, kv head); 0: evicted pages are freed."""
-        return 0
+    def cache_policy(self) -> CachePolicy:
+        """What the cache keeps for this pattern: its window, sinks and persistent memory."""
+        return CachePolicy(self.window_frames, self.sink_frames, self.persistent_blocks)
 
     @property
     def needs_scores(self) -> bool:
@@ -102,61 +107,20 @@ class Pattern(ABC):
 
     def check_geometry(self, geometry: VideoGeometry) -> None:
         """Raise ValueError when the pattern cannot run on ``geometry``."""
-        f = geometry.frames_per_chunk
-        if self.window_frames is not None and self.window_frames < self.sink_frames + f:
-            raise ValueError(
-                f"window_frames={self.window_frames} must hold the sinks and one chunk "
-                f"(sink_frames={self.sink_frames} + frames_per_chunk={f})"
-            )
-
-    def retained_frames(self, num_committed: int, frames_per_chunk: int) -> list[int]:
-        """History frames kept once frames ``[0, num_committed)`` are committed — the sinks
-        and the most recent frames of the next chunk's window — ascending."""
-        if self.window_frames is None:
-            return list(range(num_committed))
-        sinks = min(self.sink_frames, num_committed)
-        recent = self.window_frames - frames_per_chunk - sinks
-        return [*range(sinks), *range(max(sinks, num_committed - recent), num_committed)]
+        self.cache_policy.check_fits(geometry.frames_per_chunk)
 
     def footprint(self) -> Footprint:
-        """Symbolic per-layer cache size (no persistent pages by default)."""
-        return Footprint(window_history(self.window_frames), sp.Integer(0))
+        """Symbolic per-layer cache size (``cache_policy.footprint()``)."""
+        return self.cache_policy.footprint()
 
     @abstractmethod
     def select(self, view: CacheView) -> BlockTable:
         """The block table of one pass of one layer."""
 
-    def update_persistent(
-        self,
-        persistent: Tensor,
-        num_persistent: int,
-        evicted: Tensor,
-        key_reps: Tensor,
-        query_reps: Tensor | None,
-        scorer: nn.Module | None,
-    ) -> tuple[Tensor, int, Tensor]:
-        """Persistent memory after evicting ``evicted`` (int64 ``[B, Hkv, E]``).
-
-        Returns (persistent ids ``[B, Hkv, C]``, valid ids first then −1; their count; page
-        ids to free ``[B, Hkv, n]``). Without persistent memory every evicted page is freed.
-        """
-        return persistent, num_persistent, evicted
-
-    def persistent_after(self, num_persistent: int, num_evicted: int) -> int:
-        """How many persistent pages ``update_persistent`` keeps (a host count: the runtime
-        plans a commit before running it)."""
-        return num_persistent
-
-    def full_sequence_visibility(
-        self,
-        layout: FullSequenceLayout,
-        q_reps: Tensor | None,
-        k_reps: Tensor | None,
-        scorer: nn.Module | None,
-    ) -> tuple[Tensor, int]:
+    def full_sequence_visibility(self, layout: FullSequenceLayout) -> tuple[Tensor, int]:
         """Visibility ``[B|1, H|1, Mq|1, N]`` for bidirectional full-sequence attention, and a
-        bound on the visible count per row. q_reps ``[B, H, Mq, D]`` and k_reps
-        ``[B, Hkv, N, D]`` (raw means) are given when ``needs_scores``."""
+        bound on the visible count per row. The layout carries the pooled reps when
+        ``needs_scores``."""
         raise ValueError(f"{type(self).__name__} has no full-sequence form")
 
     def _params(self) -> str:
@@ -167,20 +131,19 @@ class Pattern(ABC):
 
 
 def _all_visible(view: CacheView) -> BlockTable:
-    """Every held page of the view, the same for all query blocks (memoised: the layout
-    alone decides it)."""
-
-    def build() -> BlockTable:
+    """Every held page of the view, the same for all query blocks (once per chunk: the
+    layout alone decides it)."""
+    layout = view.layout
+    if layout.all_visible is None:
         g = view.geometry
-        return BlockTable.from_visibility(
+        layout.all_visible = BlockTable.from_visibility(
             visible_heads(view),
             g.q_block,
             g.page_size,
             columns(view).ids,
             num_q_blocks=g.q_blocks_per_chunk,
         )
-
-    return view.cached("all_visible", build)
+    return layout.all_visible
 
 
 @dataclass(frozen=True)
@@ -203,13 +166,7 @@ class Dense(Pattern):
     def select(self, view: CacheView) -> BlockTable:
         return _all_visible(view)
 
-    def full_sequence_visibility(
-        self,
-        layout: FullSequenceLayout,
-        q_reps: Tensor | None,
-        k_reps: Tensor | None,
-        scorer: nn.Module | None,
-    ) -> tuple[Tensor, int]:
+    def full_sequence_visibility(self, layout: FullSequenceLayout) -> tuple[Tensor, int]:
         if self.window_frames is not None or self.sink_frames:
             raise ValueError("only Dense() (no window, no sink) has a full-sequence form")
         n = layout.k_frames.shape[0]
@@ -307,10 +264,10 @@ class TopK(Pattern):
 
         frame_scores = block_logits(view, frame_reps)  # [B, H, Mq, Fh]
         frames_kept = math.ceil(self.frame_density * len(scored))
-        chosen_frames = topk_mask(frame_scores, scored_frame, frames_kept)
+        chosen_frames = topk_mask(frame_scores, frames_kept, scored_frame)
         page_scores = block_logits(view, page_reps)  # [B, H, Mq, Fh·ppf]
         pages_kept = min(math.ceil(density * len(scored) * ppf), frames_kept * ppf)
-        chosen = topk_mask(page_scores, chosen_frames.repeat_interleave(ppf, dim=-1), pages_kept)
+        chosen = topk_mask(page_scores, pages_kept, chosen_frames.repeat_interleave(ppf, dim=-1))
         chosen = torch.nn.functional.pad(chosen, (cols.num_persistent, cols.num_chunk))
         vis = expand_heads(forced, view.num_heads, "forced")[:, :, None, :] | chosen
 
@@ -361,10 +318,6 @@ class PersistentLocal(Pattern):
             check_int(self.radius_frames, "radius_frames", 0)
 
     @property
-    def persistent_capacity(self) -> int:
-        return self.persistent_blocks
-
-    @property
     def needs_scores(self) -> bool:
         return self.persistent_blocks > 0 or self._is_sparse
 
@@ -380,18 +333,6 @@ class PersistentLocal(Pattern):
             return min(math.ceil(self.local_density * window_pages), window_pages)
         return window_pages
 
-    def footprint(self) -> Footprint:
-        history = window_history(self.window_frames)
-        evicted_frames = t * frames_per_chunk - history
-        persistent = sp.Min(self.persistent_blocks, pages_per_frame * evicted_frames)
-        # chunk frames that leave the window at their own commit compete for persistence
-        transient = (
-            pages_per_frame * sp.Max(0, 2 * frames_per_chunk - self.window_frames)
-            if self.persistent_blocks
-            else sp.Integer(0)
-        )
-        return Footprint(history, persistent, transient)
-
     def select(self, view: CacheView) -> BlockTable:
         g = view.geometry
         cols = columns(view)
@@ -404,74 +345,21 @@ class PersistentLocal(Pattern):
         num_columns = c + (len(view.history_frames) + g.frames_per_chunk) * g.pages_per_frame
         bound = min(num_columns, c + k + own_pages)
         if fused_select_supported(view):
+            from patterns.select_kernel import persistent_local_table  # imports triton
+
             return persistent_local_table(view, k, bound, self.force_own_frame)
-        fixed = view.cached("persistent_local", lambda: self._fixed_parts(view))
-        scores = block_logits(view, view.key_reps.gather(2, fixed["rep_index"]))
-        # topk_mask inlined over the memoised mask (saves a negation and a copy per pass)
-        masked = scores.masked_fill(fixed["blocked"], float("-inf"))
+        window = window_columns(view)
+        scores = block_logits(view, view.key_reps.gather(2, window.rep_index))
+        # topk_mask inlined over the per-chunk mask (saves a negation and a copy per pass)
+        masked = scores.masked_fill(window.blocked, float("-inf"))
         picked = torch.zeros(masked.shape, dtype=torch.bool, device=masked.device)
-        local = picked.scatter_(-1, masked.topk(k, dim=-1).indices, True) & fixed["allowed"]
+        local = picked.scatter_(-1, masked.topk(k, dim=-1).indices, True) & window.allowed
         if self.force_own_frame:
-            local = local | fixed["own"]  # chunk pages are always valid
-        vis = torch.cat([fixed["persistent"].expand(*local.shape[:3], c), local], dim=-1)
-        return BlockTable.from_visibility(vis, g.q_block, g.page_size, fixed["ids"], bound)
+            local = local | window.own  # chunk pages are always valid
+        vis = torch.cat([window.persistent.expand(*local.shape[:3], c), local], dim=-1)
+        return BlockTable.from_visibility(vis, g.q_block, g.page_size, window.ids, bound)
 
-    @staticmethod
-    def _fixed_parts(view: CacheView) -> dict[str, Tensor]:
-        """What ``select`` needs that depends on the cache layout only (built once per chunk):
-        the gather index of the window pages' key reps ``[B, Hkv, Nw, D]``, their validity
-        per query head ``[B, H, 1, Nw]`` and its negation, the own-frame mask ``[Mq, Nw]``,
-        the persistent columns' validity ``[B, H, 1, C]`` and the column ids in int32."""
-        cols = columns(view)
-        c = cols.num_persistent
-        valid = visible_heads(view)  # [B, H, 1, N]
-        window_ids = cols.ids[..., c:]
-        return {
-            "rep_index": window_ids.clamp(min=0)[..., None]
-            .expand(*window_ids.shape, view.key_reps.shape[-1])
-            .contiguous(),
-            "allowed": valid[..., c:],
-            "blocked": ~valid[..., c:],
-            "own": own_frame_mask(view)[:, c:],
-            "persistent": valid[..., :c],
-            "ids": cols.ids.to(torch.int32),
-        }
-
-    def update_persistent(
-        self,
-        persistent: Tensor,
-        num_persistent: int,
-        evicted: Tensor,
-        key_reps: Tensor,
-        query_reps: Tensor | None,
-        scorer: nn.Module | None,
-    ) -> tuple[Tensor, int, Tensor]:
-        if self.persistent_blocks == 0:
-            return persistent, num_persistent, evicted
-        if query_reps is None:
-            raise ValueError("PersistentLocal's update scores pages: query_reps is required")
-        return top_c_update(
-            persistent,
-            num_persistent,
-            evicted,
-            self.persistent_blocks,
-            key_reps,
-            query_reps,
-            scorer,
-        )
-
-    def persistent_after(self, num_persistent: int, num_evicted: int) -> int:
-        if self.persistent_blocks == 0:
-            return num_persistent
-        return min(self.persistent_blocks, num_persistent + num_evicted)
-
-    def full_sequence_visibility(
-        self,
-        layout: FullSequenceLayout,
-        q_reps: Tensor | None,
-        k_reps: Tensor | None,
-        scorer: nn.Module | None,
-    ) -> tuple[Tensor, int]:
+    def full_sequence_visibility(self, layout: FullSequenceLayout) -> tuple[Tensor, int]:
         n = layout.k_frames.shape[0]
         radius = self.window_frames // 2 if self.radius_frames is None else self.radius_frames
         window = layout.frame_overlap(radius)[None, None]  # [1, 1, Mq, N]
@@ -480,19 +368,20 @@ class PersistentLocal(Pattern):
         c = min(self.persistent_blocks, n)
         if k >= window_max and c == 0:
             return window, window_max
+        q_reps, k_reps = layout.q_reps, layout.k_reps
         if q_reps is None or k_reps is None:
             raise ValueError("PersistentLocal scores blocks here: q_reps and k_reps are required")
         heads, kv_heads, dim = q_reps.shape[1], k_reps.shape[1], q_reps.shape[3]
-        scorer = default_scorer(scorer, heads, kv_heads, dim, q_reps.device)
+        scorer = default_scorer(layout.scorer, heads, kv_heads, dim, q_reps.device)
         local, own_max = window, 0
         if k < window_max:
-            local = topk_mask(scorer.block_logits(q_reps, k_reps), window, k)
+            local = topk_mask(scorer.block_logits(q_reps, k_reps), k, window)
             if self.force_own_frame:
                 local = local | layout.frame_overlap(0)
                 own_max = layout.max_blocks_within(0)
         if c:
             everything = torch.ones(k_reps.shape[:3], dtype=torch.bool, device=k_reps.device)
             importance = scorer.importance(q_reps, k_reps, everything)
-            persistent = topk_mask(importance, everything, c)  # [B, Hkv, N]
+            persistent = topk_mask(importance, c)  # [B, Hkv, N]
             local = local | expand_heads(persistent, heads, "persistent")[:, :, None, :]
         return local, min(n, c + k + own_max)

@@ -1,4 +1,4 @@
-"""Block scoring: pooled block representatives and the learned per-head compression.
+"""Block scoring: pooled block representatives and the learned per-head projections.
 
 A block (a query block of ``q_block`` rows, or a KV page) is summarised by the mean of its
 tokens. ``BlockScorer`` scores query blocks against key blocks with a learned linear map per
@@ -8,8 +8,8 @@ head on top of that mean::
 
 Why a full ``D×D`` matrix per head, applied after pooling:
 
-* A linear map commutes with the mean, so ``mean(x) @ W == mean(x @ W)``: compressing the
-  pooled representative is exactly the same as pooling compressed tokens, and the runtime
+* A linear map commutes with the mean, so ``mean(x) @ W == mean(x @ W)``: projecting the
+  pooled representative is exactly the same as pooling projected tokens, and the runtime
   only has to store the raw mean key of each page (``PagePool.key_reps``), never re-pool.
 * The score is the bilinear form ``q̄ᵀ Wq Wkᵀ k̄``; a full matrix can rotate, re-weight or
   cancel any direction of the head space (e.g. a block-constant nuisance shared by keys that
@@ -19,13 +19,16 @@ Why a full ``D×D`` matrix per head, applied after pooling:
   (≈ 0.4 M for Wan's 12×128 heads).
 
 Both matrices start at the identity, so an untrained scorer is plain mean pooling.
+
+Vocabulary: the module is the ``BlockScorer``; its parameters ``wq``/``wk`` are its
+*projections*; a file holding every scorer's projections is a *scorer weights* file
+(``patterns.scorer_weights``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Iterator
 
 import torch
@@ -41,8 +44,6 @@ __all__ = [
     "query_block_rows",
     "block_attention_mass",
     "iter_scorers",
-    "save_gates",
-    "load_gates",
 ]
 
 # Bounded working set of block_attention_mass: at most this many score elements at once.
@@ -208,7 +209,7 @@ def block_attention_mass(
 class BlockScorer(nn.Module):
     """Learned block scores for one self-attention layer.
 
-    Parameters ``wq`` ``[H, D, D]`` and ``wk`` ``[Hkv, D, D]``, identity-initialised (an
+    Projections ``wq`` ``[H, D, D]`` and ``wk`` ``[Hkv, D, D]``, identity-initialised (an
     untrained scorer is mean pooling). Inputs are raw mean-pooled representatives
     (``pool_query_blocks`` / ``pool_pages``); scores are computed in float32 whatever the
     dtype of the inputs or of the parameters.
@@ -251,7 +252,7 @@ class BlockScorer(nn.Module):
             )
 
     def block_logits(self, q_reps: Tensor, k_reps: Tensor) -> Tensor:
-        """Compressed block scores.
+        """Projected block scores.
 
         q_reps ``[B, H, M, D]``, k_reps ``[B, Hkv, N, D]`` (raw means) → float32 (float64
         stays) ``[B, H, M, N]`` = ``φ_Q(q̄)·φ_K(k̄)/sqrt(D)``; query head h uses kv head
@@ -304,55 +305,3 @@ def iter_scorers(module: nn.Module) -> Iterator[tuple[str, BlockScorer]]:
     for name, sub in module.named_modules():
         if isinstance(sub, BlockScorer):
             yield name, sub
-
-
-def _gate_tensors(module: nn.Module) -> dict[str, Tensor]:
-    tensors = {}
-    for name, scorer in iter_scorers(module):
-        prefix = f"{name}." if name else ""
-        for pname, param in scorer.named_parameters(recurse=False):
-            tensors[prefix + pname] = param
-    return tensors
-
-
-def save_gates(module: nn.Module, path: str | os.PathLike) -> None:
-    """Write the parameters of every ``BlockScorer`` in ``module`` to a safetensors file.
-
-    Keys are module paths (``"blocks.3.attn.scorer.wq"``), so the file loads into any module
-    with the same structure.
-    """
-    from safetensors.torch import save_file
-
-    tensors = _gate_tensors(module)
-    if not tensors:
-        raise ValueError(f"module contains no BlockScorer ({type(module).__name__})")
-    save_file(
-        {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}, os.fspath(path)
-    )
-
-
-def load_gates(module: nn.Module, path: str | os.PathLike) -> None:
-    """Load gate parameters written by ``save_gates`` into ``module``'s ``BlockScorer``s.
-
-    Raises ``ValueError`` (and changes nothing) when keys are missing, unexpected or of the
-    wrong shape.
-    """
-    from safetensors.torch import load_file
-
-    params = _gate_tensors(module)
-    loaded = load_file(os.fspath(path))
-    missing = sorted(params.keys() - loaded.keys())
-    unexpected = sorted(loaded.keys() - params.keys())
-    mismatched = [
-        f"{key}: file {tuple(loaded[key].shape)} vs module {tuple(params[key].shape)}"
-        for key in sorted(params.keys() & loaded.keys())
-        if loaded[key].shape != params[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"gate file {os.fspath(path)!r} does not match the module: "
-            f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {mismatched}"
-        )
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(loaded[key])

@@ -31,10 +31,9 @@ import triton.language as tl
 
 from patterns.block_table import BlockTable
 from patterns.cache_view import CacheView
-from patterns.scoring import BlockScorer
 from patterns.selection import default_scorer
 
-__all__ = ["fused_select_supported", "persistent_local_table"]
+__all__ = ["persistent_local_table"]
 
 # Query blocks per scoring program: the M of its matrix products (tl.dot needs >= 16).
 GROUP_M = 16
@@ -43,10 +42,6 @@ BLOCK_COLS = 64
 COL_STEPS = 2
 # Most elements of q a pooling program loads per step (whole blocks of up to 128 x 128).
 POOL_TILE = 16384
-# Widest candidate row (persistent + window pages) the table kernel holds in registers, and
-# the largest pool whose page ids it can order by marking them in a bitmap.
-MAX_COLUMNS = 4096
-MAX_POOL_PAGES = 16384
 PRECISION = tl.constexpr("tf32x3")
 
 
@@ -91,7 +86,7 @@ def _window_scores_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     block_ok = offs_m < num_q_blocks
 
-    # Fold both compressions and 1/sqrt(D) into the queries: (q̄ Wq)·(k̄ Wk) = (q̄ Wq Wkᵀ)·k̄,
+    # Fold both projections and 1/sqrt(D) into the queries: (q̄ Wq)·(k̄ Wk) = (q̄ Wq Wkᵀ)·k̄,
     # so keys are scored as they are stored. tf32x3 keeps float32 accuracy on tensor cores.
     q_rows = (pid_bh * num_q_blocks + offs_m).to(tl.int64)
     q_mean = tl.load(QMean + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=block_ok[:, None],
@@ -213,27 +208,6 @@ def _table_kernel(
 
 def _padded(count: int) -> int:
     return max(16, triton.next_power_of_2(count))
-
-
-def fused_select_supported(view: CacheView) -> bool:
-    """Whether `persistent_local_table` can build this view's table: raw queries on a CUDA
-    device, the identity or a `BlockScorer` scorer, a power-of-two head_dim in [16, 128], at
-    most `MAX_COLUMNS` candidate pages and a pool of at most `MAX_POOL_PAGES` pages."""
-    q = view.queries
-    if q is None or not q.is_cuda:
-        return False
-    head_dim = q.shape[-1]
-    g = view.geometry
-    columns = view.num_persistent_slots + (len(view.history_frames) + g.frames_per_chunk) * (
-        g.pages_per_frame
-    )
-    return (
-        (view.scorer is None or type(view.scorer) is BlockScorer)
-        and 16 <= head_dim <= 128
-        and head_dim & (head_dim - 1) == 0
-        and columns <= MAX_COLUMNS
-        and view.key_reps.shape[2] <= MAX_POOL_PAGES
-    )
 
 
 def persistent_local_table(

@@ -8,21 +8,21 @@ come from frame bookkeeping (Python ints), so no function syncs with the device.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from patterns.block_table import expand_heads
 from patterns.cache_view import CacheView
+from patterns.chunk_layout import Columns, WindowColumns
 from patterns.geometry import VideoGeometry
 from patterns.scoring import BlockScorer
 
 __all__ = [
-    "Columns",
     "columns",
     "own_frame_mask",
     "visible_heads",
+    "window_columns",
     "default_scorer",
     "gather_reps",
     "block_logits",
@@ -31,34 +31,22 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Columns:
-    """A view's candidate pages as columns: ``[persistent C | history Fh·ppf | chunk F·ppf]``.
-
-    ids: int64 ``[B, Hkv, N]`` physical page ids (meaningless where not valid).
-    valid: bool ``[B, Hkv, N]`` the column names a held page.
-    frame: int64 ``[N]`` absolute frame of the column's page (−1 for persistent columns).
-    """
-
-    ids: Tensor
-    valid: Tensor
-    frame: Tensor
-    num_persistent: int
-    num_chunk: int
-
-
 def columns(view: CacheView) -> Columns:
     """The candidate columns of a view (persistent first, then history, then the chunk);
-    built once per memo."""
-    return view.cached("columns", lambda: _columns(view))
+    built once per chunk (``view.layout``)."""
+    layout = view.layout
+    if layout.columns is None:
+        layout.columns = _columns(view)
+    return layout.columns
 
 
 def visible_heads(view: CacheView) -> Tensor:
-    """bool ``[B, H, 1, N]``: the columns' validity per query head (memoised)."""
-    return view.cached(
-        "visible_heads",
-        lambda: expand_heads(columns(view).valid, view.num_heads, "valid")[:, :, None],
-    )
+    """bool ``[B, H, 1, N]``: the columns' validity per query head (once per chunk)."""
+    layout = view.layout
+    if layout.visible_heads is None:
+        valid = columns(view).valid
+        layout.visible_heads = expand_heads(valid, view.num_heads, "valid")[:, :, None]
+    return layout.visible_heads
 
 
 def _columns(view: CacheView) -> Columns:
@@ -89,15 +77,36 @@ def _q_block_frames(geometry: VideoGeometry, device: torch.device) -> Tensor:
 
 
 def own_frame_mask(view: CacheView) -> Tensor:
-    """bool ``[Mq, N]``: column n's page lies in a frame that query block m touches
-    (memoised)."""
-
-    def build() -> Tensor:
+    """bool ``[Mq, N]``: column n's page lies in a frame that query block m touches (once
+    per chunk)."""
+    layout = view.layout
+    if layout.own_frames is None:
         frame = columns(view).frame
         q_frames = _q_block_frames(view.geometry, frame.device) + view.chunk_frames()[0]
-        return (frame >= q_frames[:, :1]) & (frame <= q_frames[:, 1:])
+        layout.own_frames = (frame >= q_frames[:, :1]) & (frame <= q_frames[:, 1:])
+    return layout.own_frames
 
-    return view.cached("own_frames", build)
+
+def window_columns(view: CacheView) -> WindowColumns:
+    """The window's columns as the torch top-K selection reads them (once per chunk)."""
+    layout = view.layout
+    if layout.window is None:
+        cols = columns(view)
+        c = cols.num_persistent
+        valid = visible_heads(view)  # [B, H, 1, N]
+        window_ids = cols.ids[..., c:]
+        rep_index = window_ids.clamp(min=0)[..., None].expand(
+            *window_ids.shape, view.key_reps.shape[-1]
+        )
+        layout.window = WindowColumns(
+            rep_index=rep_index.contiguous(),
+            allowed=valid[..., c:],
+            blocked=~valid[..., c:],
+            own=own_frame_mask(view)[:, c:],
+            persistent=valid[..., :c],
+            ids=cols.ids.to(torch.int32),
+        )
+    return layout.window
 
 
 @functools.lru_cache(maxsize=64)
@@ -135,12 +144,18 @@ def block_logits(view: CacheView, key_reps: Tensor) -> Tensor:
     return scorer.block_logits(q, key_reps)
 
 
-def topk_mask(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
-    """bool mask of the ``k`` best allowed entries of every row of ``scores`` (last dim).
+def topk_mask(scores: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
+    """bool mask, shaped like ``scores`` ``[..., N]``, of the ``k`` highest entries of every
+    row (last dim) among the ``allowed`` ones (ties: any).
 
-    allowed broadcasts against scores; rows with fewer than k allowed entries keep all of
-    them. ``k`` is a host int.
+    allowed: bool, broadcasts against scores (None: every entry); rows with fewer than k
+    allowed entries keep all of them. ``k`` is a host int >= 0 (k >= N keeps every allowed
+    entry).
     """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"k must be an int >= 0 (entries kept per row), got {k!r}")
+    if allowed is None:
+        allowed = torch.ones((), dtype=torch.bool, device=scores.device)
     allowed = allowed.expand_as(scores)
     if k >= scores.shape[-1]:
         return allowed.clone()

@@ -1,4 +1,4 @@
-"""Gate training by self-distillation from dense attention.
+"""Block scorer training by self-distillation from dense attention.
 
 A layer's ``BlockScorer`` sees only block means, so it is trained to predict, for every query
 block, how the dense attention of the real tokens distributes over key blocks::
@@ -36,7 +36,7 @@ from patterns.scoring import (
     query_block_rows,
 )
 
-__all__ = ["QKSample", "capture_qk", "train_gates"]
+__all__ = ["QKSample", "capture_qk", "scorer_recall", "train_scorers"]
 
 QKSample = tuple[Tensor, Tensor] | Mapping[str, Tensor]
 """One captured attention call: ``(q, k)`` or ``{"q": q, "k": k}``, BLHD."""
@@ -141,7 +141,64 @@ def _recall(scorer: BlockScorer, groups: Sequence[_Prepared], topk: int | float)
     return total / count
 
 
-def train_gates(
+def _check_scorers(scorers: Sequence[BlockScorer]) -> list[BlockScorer]:
+    scorers = list(scorers)
+    if not scorers or not all(isinstance(s, BlockScorer) for s in scorers):
+        raise TypeError("scorers must be a non-empty sequence of BlockScorer")
+    return scorers
+
+
+def _check_topk(topk: int | float) -> None:
+    if isinstance(topk, bool) or not (
+        (isinstance(topk, int) and topk >= 1) or (isinstance(topk, float) and 0 < topk <= 1)
+    ):
+        raise ValueError(f"topk must be an int >= 1 or a float in (0, 1], got {topk!r}")
+
+
+def _prepare_layers(
+    scorers: list[BlockScorer],
+    per_layer: Sequence[Sequence[QKSample]],
+    name: str,
+    q_block: int,
+    kv_block: int,
+) -> list[list[_Prepared]]:
+    if len(per_layer) != len(scorers):
+        raise ValueError(
+            f"{name} must hold one sequence of samples per scorer ({len(scorers)}), "
+            f"got {len(per_layer)}"
+        )
+    return [
+        _prepare(scorer, layer_samples, f"{name}[{layer}]", q_block, kv_block)
+        for layer, (scorer, layer_samples) in enumerate(zip(scorers, per_layer, strict=True))
+    ]
+
+
+def scorer_recall(
+    scorers: Sequence[BlockScorer],
+    samples: Sequence[Sequence[QKSample]],
+    *,
+    q_block: int,
+    kv_block: int,
+    topk: Sequence[int | float] = (0.25, 0.125),
+) -> dict[int | float, float]:
+    """Recall of each selection size in ``topk``: the dense attention mass inside every query
+    block's top key blocks by the scorers' logits, averaged over layers, heads and samples.
+
+    Arguments as in ``train_scorers`` (one scorer and one sequence of ``(q, k)`` samples per
+    layer). The dense targets are computed once for all sizes.
+    """
+    scorers = _check_scorers(scorers)
+    for size in topk:
+        _check_topk(size)
+    items = _prepare_layers(scorers, samples, "samples", q_block, kv_block)
+    return {
+        size: sum(_recall(s, layer, size) for s, layer in zip(scorers, items, strict=True))
+        / len(scorers)
+        for size in topk
+    }
+
+
+def train_scorers(
     scorers: Sequence[BlockScorer],
     samples: Sequence[Sequence[QKSample]],
     *,
@@ -168,28 +225,15 @@ def train_gates(
     Returns ``{"loss": [steps floats], "recall_before": [per layer], "recall_after": [per
     layer], "mean_recall_before": float, "mean_recall_after": float}``.
     """
-    scorers = list(scorers)
-    if not scorers or not all(isinstance(s, BlockScorer) for s in scorers):
-        raise TypeError("scorers must be a non-empty sequence of BlockScorer")
+    scorers = _check_scorers(scorers)
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
-    if isinstance(topk, bool) or not (
-        (isinstance(topk, int) and topk >= 1) or (isinstance(topk, float) and 0 < topk <= 1)
-    ):
-        raise ValueError(f"topk must be an int >= 1 or a float in (0, 1], got {topk!r}")
+    _check_topk(topk)
 
     def prepare_all(per_layer: Sequence[Sequence[QKSample]], name: str) -> list[list[_Prepared]]:
-        if len(per_layer) != len(scorers):
-            raise ValueError(
-                f"{name} must hold one sequence of samples per scorer ({len(scorers)}), "
-                f"got {len(per_layer)}"
-            )
-        return [
-            _prepare(scorer, layer_samples, f"{name}[{layer}]", q_block, kv_block)
-            for layer, (scorer, layer_samples) in enumerate(zip(scorers, per_layer, strict=True))
-        ]
+        return _prepare_layers(scorers, per_layer, name, q_block, kv_block)
 
     train_items = prepare_all(samples, "samples")
     eval_items = train_items if eval_samples is None else prepare_all(eval_samples, "eval_samples")
@@ -198,7 +242,7 @@ def train_gates(
     params = [p for s in scorers for p in s.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
-    with torch.enable_grad(), tqdm(range(steps), desc="train gates", disable=not progress) as bar:
+    with torch.enable_grad(), tqdm(range(steps), desc="train scorers", disable=not progress) as bar:
         for _ in bar:
             optimizer.zero_grad(set_to_none=True)
             loss = torch.stack(
@@ -238,7 +282,7 @@ def capture_qk(
     modules: one module per layer, each called as ``module(q, k, v, ...)`` with BLHD
     ``q [B, Lq, H, D]`` and ``k [B, Lk, Hkv, D]`` (positionally or as ``q=``/``k=``).
     Yields a list with one list per module, filled during the ``with`` block with detached
-    copies on ``device`` — exactly the ``samples`` format of ``train_gates``. The hooks are
+    copies on ``device`` — exactly the ``samples`` format of ``train_scorers``. The hooks are
     removed on exit, also after an error.
     """
     modules = list(modules)

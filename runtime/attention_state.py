@@ -111,7 +111,9 @@ class AttentionState(PatternLayer):
                 max_history_frames, dtype=torch.int64, device=device
             )
             self._persistent = torch.empty(
-                (b, hkv, self.pattern.persistent_capacity), dtype=torch.int64, device=device
+                (b, hkv, self.pattern.cache_policy.persistent_capacity),
+                dtype=torch.int64,
+                device=device,
             )
         self._frame_pages.zero_()
         self._frame_index_buffer.zero_()
@@ -141,7 +143,7 @@ class AttentionState(PatternLayer):
         return [self._frame_pages, self._frame_index_buffer, self._persistent]
 
     def invalidate_layout(self) -> None:
-        """Drop this chunk's layout memo: the next pass rebuilds it (inside a graph capture,
+        """Drop this chunk's layout: the next pass rebuilds it (inside a graph capture,
         so that the graph recomputes it on every replay)."""
         self._layout = None
 
@@ -185,7 +187,7 @@ class AttentionState(PatternLayer):
     def view(self, queries: Tensor) -> CacheView:
         """The cache as the pattern sees it for the current chunk's ``queries`` (BLHD, this
         pass's). The layout part is built once per chunk; every pass's view shares its memo
-        (see ``CacheView.cached``)."""
+        (see ``CacheView.layout``)."""
         pool = self._require_pool()
         if self._layout is None or self._layout.chunk_start != self._context.chunk_start:
             g = self.geometry
@@ -206,7 +208,7 @@ class AttentionState(PatternLayer):
                 scorer=self.scorer,
                 start=self._context.start,
             )
-        # a shallow copy shares the memo and skips __post_init__'s checks, which the layout
+        # a shallow copy shares the layout and skips __post_init__'s checks, which the layout
         # passed once this chunk (dataclasses.replace would re-run them on every pass)
         view = copy.copy(self._layout)
         object.__setattr__(view, "queries", queries)

@@ -56,16 +56,17 @@ def plan_commit(
     ``history`` frames (absolute, ascending) and ``num_persistent`` persistent pages."""
     f, ppf = geometry.frames_per_chunk, geometry.pages_per_frame
     chunk = list(range(chunk_start, chunk_start + f))
-    retained = set(pattern.retained_frames(chunk_start + f, f))
+    policy = pattern.cache_policy
+    retained = set(policy.retained_frames(chunk_start + f, f))
     keep_old = [i for i, fr in enumerate(history) if fr in retained]
     evict_old = [i for i, fr in enumerate(history) if fr not in retained]
     keep_new = [j for j, fr in enumerate(chunk) if fr in retained]
     evict_new = [j for j, fr in enumerate(chunk) if fr not in retained]
-    transient = len(evict_new) * ppf if pattern.persistent_capacity else 0
+    transient = len(evict_new) * ppf if policy.persistent_capacity else 0
     evicted = len(evict_old) * ppf + transient
     kept, freed = num_persistent, 0
     if evicted:
-        kept = pattern.persistent_after(num_persistent, evicted)
+        kept = policy.persistent_after(num_persistent, evicted)
         freed = num_persistent + evicted - kept
     return CommitPlan(
         keep_old,
@@ -130,7 +131,7 @@ def execute_commit(
         pool.copy(_take(scratch, 2, plan.evict_new).reshape(b, hkv, -1), ids)
         evicted.append(ids)
     if plan.evicted:
-        updated, kept, freed = pattern.update_persistent(
+        updated, kept, freed = pattern.cache_policy.update_persistent(
             persistent,
             num_persistent,
             torch.cat(evicted, dim=-1),

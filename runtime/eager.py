@@ -6,9 +6,11 @@ cached history and to itself without writing anything, in the commit pass (t = 0
 latents) each layer appends the chunk's K/V, attends the same way, then drops the frames the
 cache policy no longer needs. K is cached after RoPE, i.e. at absolute frame positions.
 
-Cache policies: `GlobalCache()` keeps every committed frame; `RollingCache(window_frames,
+Which frames stay is a `patterns.CachePolicy`, the same object the paged runtime applies for
+a pattern: `GlobalCache()` keeps every committed frame; `RollingCache(window_frames,
 sink_frames)` keeps the first `sink_frames` frames plus the most recent ones, so that with the
-current chunk at most `window_frames` frames are attended.
+current chunk at most `window_frames` frames are attended; `FrameCache(policy)` takes any
+policy without persistent memory (a dense cache keeps whole frames only).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import operator
 import torch
 from torch import Tensor
 
+from patterns import CachePolicy
 from runtime.checks import check_reset_args
 from runtime.model import CausalWanModel
 
@@ -66,15 +69,19 @@ class _LayerSlot:
             self._cache._note_commit()
         return self.k[:, : held + chunk], self.v[:, : held + chunk]
 
-    def compact(self, total_frames: int, oldest: int, newest: int, per_frame: int) -> None:
-        """After a commit: keep the `oldest` and `newest` of the `total_frames` now written."""
-        if oldest + newest < total_frames:
-            src = slice((total_frames - newest) * per_frame, total_frames * per_frame)
-            dst = slice(oldest * per_frame, (oldest + newest) * per_frame)
-            # clone: source and destination may overlap
-            self.k[:, dst] = self.k[:, src].clone()
-            self.v[:, dst] = self.v[:, src].clone()
-        self.tokens = (oldest + newest) * per_frame
+    def compact(self, runs: list[tuple[int, int]], per_frame: int) -> None:
+        """After a commit: keep the written frames of `runs` ((first position, count),
+        ascending), packed to the front of the buffers."""
+        held = 0
+        for first, count in runs:
+            if first != held:
+                src = slice(first * per_frame, (first + count) * per_frame)
+                dst = slice(held * per_frame, (held + count) * per_frame)
+                # clone: source and destination may overlap
+                self.k[:, dst] = self.k[:, src].clone()
+                self.v[:, dst] = self.v[:, src].clone()
+            held += count
+        self.tokens = held * per_frame
         self.committed = 0
 
 
@@ -82,12 +89,19 @@ class FrameCache:
     """Frame-granular dense KV cache shared by the layers of one model.
 
     All layers hold the same frames, so the frame bookkeeping (plain Python ints) lives here
-    and the tensors live in the per-layer slots. A policy says, after each commit, how many
-    of the oldest frames (the sink) and of the newest frames to keep, and how many frames the
-    buffers must hold at most (`_capacity_frames`).
+    and the tensors live in the per-layer slots. The `policy` says which frames stay after
+    each commit and how many frames the buffers must hold at most.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, policy: CachePolicy) -> None:
+        if not isinstance(policy, CachePolicy):
+            raise TypeError(f"policy must be a patterns.CachePolicy, got {type(policy).__name__}")
+        if policy.persistent_capacity:
+            raise ValueError(
+                f"policy has persistent_capacity={policy.persistent_capacity}: a dense frame "
+                "cache keeps whole frames only (use the paged runtime for persistent memory)"
+            )
+        self.policy = policy
         self._slots: list[_LayerSlot] = []
         self._frames: list[int] = []
         self._tokens_per_frame = 0
@@ -95,23 +109,8 @@ class FrameCache:
         self._capacity = 0
         self._peak = 0
         self.committing = False
-        self._keep: tuple[int, int] = (0, 0)
+        self._keep: list[tuple[int, int]] = []
         self._pending: list[int] = []
-
-    # -- policy -------------------------------------------------------------------------------
-
-    def _check_fits(self, frames_per_chunk: int) -> None:
-        """Raise ValueError when the policy cannot hold one chunk of `frames_per_chunk`."""
-
-    def _retain(self, frames: list[int]) -> tuple[int, int]:
-        """(oldest, newest) counts of `frames` (ascending) to keep for the next chunk."""
-        raise NotImplementedError
-
-    def _capacity_frames(self, num_frames: int) -> int:
-        """Most frames (history ∪ current chunk) held at once in a rollout of `num_frames`."""
-        raise NotImplementedError
-
-    # -- bookkeeping ---------------------------------------------------------------------------
 
     @property
     def frames(self) -> tuple[int, ...]:
@@ -137,34 +136,41 @@ class FrameCache:
         self, num_layers: int, tokens_per_frame: int, frames_per_chunk: int, num_frames: int
     ) -> None:
         """Empty the cache and size it for `num_layers` layers and a rollout of `num_frames`."""
-        self._check_fits(frames_per_chunk)
+        self.policy.check_fits(frames_per_chunk)
         self._frames_per_chunk = frames_per_chunk
         self._slots = [_LayerSlot(self) for _ in range(num_layers)]
         self._frames = []
         self._tokens_per_frame = tokens_per_frame
-        self._capacity = self._capacity_frames(num_frames)
+        self._capacity = self.policy.attended_frames(num_frames)
         self._peak = 0
         self.committing = False
 
     def begin_chunk(self, start_frame: int, commit: bool) -> list[_LayerSlot]:
         """Enter a pass over the chunk starting at `start_frame`; returns the layer slots."""
-        self.committing = commit
         if commit:
-            self._pending = self._frames + list(
-                range(start_frame, start_frame + self._frames_per_chunk)
-            )
-            self._keep = self._retain(self._pending)
+            pending = self._frames + list(range(start_frame, start_frame + self._frames_per_chunk))
+            self._keep = self._kept_runs(pending, start_frame + self._frames_per_chunk)
+            self._pending = pending
+        self.committing = commit
         return self._slots
+
+    def _kept_runs(self, pending: list[int], num_committed: int) -> list[tuple[int, int]]:
+        """(first position in `pending`, count) of each run of frames the policy retains."""
+        runs = []
+        for run in self.policy.retained_runs(num_committed, self._frames_per_chunk):
+            first = pending.index(run.start) if run.start in pending else None
+            if first is None or pending[first : first + len(run)] != list(run):
+                raise RuntimeError(f"the policy retains frames {list(run)} that are not held")
+            runs.append((first, len(run)))
+        return runs
 
     def end_chunk(self, ok: bool) -> None:
         """Leave the pass. A commit that failed part-way changes nothing: slots only write
         past their held history, and the history advances here, for all layers at once."""
         if self.committing and ok:
-            oldest, newest = self._keep
             for slot in self._slots:
-                slot.compact(len(self._pending), oldest, newest, self._tokens_per_frame)
-            tail = self._pending[len(self._pending) - newest :] if newest else []
-            self._frames = self._pending[:oldest] + tail
+                slot.compact(self._keep, self._tokens_per_frame)
+            self._frames = [f for first, n in self._keep for f in self._pending[first : first + n]]
         elif self.committing:
             for slot in self._slots:
                 slot.committed = 0
@@ -174,15 +180,15 @@ class FrameCache:
         """Layers hold history ∪ chunk until the commit pass ends: track the peak."""
         self._peak = max(self._peak, self.kv_bytes)
 
+    def __repr__(self) -> str:
+        return f"FrameCache({self.policy!r})"
+
 
 class GlobalCache(FrameCache):
     """Keeps every committed frame (Self-Forcing's global KV cache)."""
 
-    def _retain(self, frames: list[int]) -> tuple[int, int]:
-        return len(frames), 0
-
-    def _capacity_frames(self, num_frames: int) -> int:
-        return num_frames
+    def __init__(self) -> None:
+        super().__init__(CachePolicy())
 
     def __repr__(self) -> str:
         return "GlobalCache()"
@@ -193,32 +199,12 @@ class RollingCache(FrameCache):
     to at most `window_frames` frames including itself."""
 
     def __init__(self, window_frames: int, sink_frames: int = 0):
-        super().__init__()
-        if not isinstance(window_frames, int) or isinstance(window_frames, bool):
-            raise TypeError(f"window_frames must be an int, got {type(window_frames).__name__}")
-        if not isinstance(sink_frames, int) or isinstance(sink_frames, bool):
-            raise TypeError(f"sink_frames must be an int, got {type(sink_frames).__name__}")
-        if window_frames <= 0:
-            raise ValueError(f"window_frames must be positive, got {window_frames}")
-        if sink_frames < 0:
-            raise ValueError(f"sink_frames must be >= 0, got {sink_frames}")
+        for name, value in (("window_frames", window_frames), ("sink_frames", sink_frames)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        super().__init__(CachePolicy(window_frames, sink_frames))
         self.window_frames = window_frames
         self.sink_frames = sink_frames
-
-    def _check_fits(self, frames_per_chunk: int) -> None:
-        if self.window_frames < self.sink_frames + frames_per_chunk:
-            raise ValueError(
-                f"window_frames={self.window_frames} must be at least sink_frames="
-                f"{self.sink_frames} + frames_per_chunk={frames_per_chunk}"
-            )
-
-    def _retain(self, frames: list[int]) -> tuple[int, int]:
-        sink = sum(1 for f in frames if f < self.sink_frames)
-        recent = self.window_frames - self._frames_per_chunk - sink
-        return sink, min(recent, len(frames) - sink)
-
-    def _capacity_frames(self, num_frames: int) -> int:
-        return min(self.window_frames, num_frames)
 
     def __repr__(self) -> str:
         return f"RollingCache(window_frames={self.window_frames}, sink_frames={self.sink_frames})"
@@ -251,7 +237,8 @@ class EagerRunner:
             raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
         if cache is not None and not isinstance(cache, FrameCache):
             raise TypeError(
-                f"cache must be a GlobalCache or RollingCache, got {type(cache).__name__}"
+                f"cache must be a FrameCache (e.g. GlobalCache, RollingCache), "
+                f"got {type(cache).__name__}"
             )
         self.model = model
         self.cache = GlobalCache() if cache is None else cache

@@ -53,7 +53,7 @@ class SparsifiedModule(nn.Module):
     graph_module: the rewritten fx graph (its parameters are the model's weights, shared).
     plan: a `Plan`, one row per attention site.
     In cached mode `runner` (a `runtime.StatefulRunner`) drives `runtime`, the
-    `AttentionRuntime` whose `states` (one per rewritten layer, with the learned gates) are
+    `AttentionRuntime` whose `states` (one per rewritten layer, with the learned block scorers) are
     submodules; in full-sequence mode `attention` lists the `FullSequenceAttention` modules.
     """
 

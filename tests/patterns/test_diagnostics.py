@@ -10,10 +10,10 @@ from patterns.diagnostics import (
     attention_mass_recall,
     plot_block_mask,
     plot_recall_heatmap,
-    topk_mask,
     topk_recall,
 )
 from patterns.scoring import block_attention_mass, query_block_rows
+from patterns.selection import topk_mask
 
 
 def _recall_oracle(q, k, visible, q_block, kv_block):
@@ -67,11 +67,17 @@ def test_attention_mass_recall_rejects_bad_visibility():
 def test_topk_mask_selects_k_largest():
     scores = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5]])
     assert topk_mask(scores, 2).tolist() == [[False, True, False, True, False]]
-    assert topk_mask(scores, 5).all()
-    with pytest.raises(ValueError, match="k must be"):
-        topk_mask(scores, 6)
-    with pytest.raises(ValueError, match="k must be"):
-        topk_mask(scores, 0)
+    assert topk_mask(scores, 5).all() and topk_mask(scores, 6).all()
+    assert not topk_mask(scores, 0).any()
+    allowed = torch.tensor([True, False, True, False, True])
+    assert topk_mask(scores, 2, allowed).tolist() == [[True, False, False, False, True]]
+    assert topk_mask(scores, 4, allowed).tolist() == [allowed.tolist()]
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="k must be an int >= 0"):
+            topk_mask(scores, bad)
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 5\]"):
+            topk_recall(scores[None, None], scores[None, None].softmax(-1), bad)
 
 
 def test_topk_recall_oracle_selection_dominates_and_weights_partial_blocks():

@@ -10,7 +10,7 @@ from patterns.footprint import PAGE_BYTES, Footprint, evaluate, t
 def _simulate(pattern, frames_per_chunk, pages_per_frame, layers, chunks):
     """Page counts of the pool, step by step, in the runtime's commit order (see
     patterns.footprint): returns (held pages after each chunk, peak pages up to each chunk)."""
-    f, p, c = frames_per_chunk, pages_per_frame, pattern.persistent_capacity
+    f, p, c = frames_per_chunk, pages_per_frame, pattern.cache_policy.persistent_capacity
     held = [[] for _ in range(layers)]
     persistent = [0] * layers
     used = peak = f * p  # scratch
@@ -18,7 +18,7 @@ def _simulate(pattern, frames_per_chunk, pages_per_frame, layers, chunks):
     for chunk in range(chunks):
         start = chunk * f
         new = list(range(start, start + f))
-        retained = set(pattern.retained_frames(start + f, f))
+        retained = set(pattern.cache_policy.retained_frames(start + f, f))
         for layer in range(layers):
             evict_old = [fr for fr in held[layer] if fr not in retained]
             evict_new = [fr for fr in new if fr not in retained]

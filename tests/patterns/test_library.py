@@ -19,7 +19,6 @@ from patterns import (
     pool_key_blocks,
     pool_query_blocks,
 )
-from patterns.selection import top_c_update
 
 # -- a synthetic cache ------------------------------------------------------------------------
 
@@ -139,7 +138,7 @@ def test_every_table_is_valid_and_lists_only_held_pages(geometry, frames, patter
     # history slots: frames 0.. in order, with some slots absent (-1)
     history = [i if present else -1 for i, present in enumerate(frames)]
     start = len(frames)
-    slots = pattern.persistent_capacity
+    slots = pattern.cache_policy.persistent_capacity
     view = make_view(
         geometry,
         history,
@@ -272,84 +271,6 @@ def test_topk_schedule_is_denser_early_and_first_chunk_dense():
     assert TopK(density=0.25).density_at(30, 3) == 0.25
 
 
-# -- persistent update -------------------------------------------------------------------------
-
-
-@given(
-    seed=st.integers(0, 100),
-    capacity=st.integers(1, 6),
-    num_persistent=st.integers(0, 6),
-    evicted=st.integers(1, 6),
-)
-def test_top_c_update_keeps_the_most_important_pages(seed, capacity, num_persistent, evicted):
-    num_persistent = min(num_persistent, capacity)
-    g = torch.Generator().manual_seed(seed)
-    b, hkv, d, num_pages = 2, 2, 8, 20
-    ids = torch.stack([torch.randperm(num_pages, generator=g) for _ in range(b * hkv)])
-    ids = ids.view(b, hkv, num_pages)
-    persistent = torch.full((b, hkv, capacity), -1, dtype=torch.int64)
-    persistent[..., :num_persistent] = ids[..., :num_persistent]
-    out_ids = ids[..., num_persistent : num_persistent + evicted]
-    key_reps = torch.randn(b, hkv, num_pages, d, generator=g)
-    q_reps = torch.randn(b, 4, 3, d, generator=g)
-    new, kept, freed = top_c_update(
-        persistent, num_persistent, out_ids, capacity, key_reps, q_reps, None
-    )
-    total = num_persistent + evicted
-    assert kept == min(capacity, total)
-    assert new.shape == (b, hkv, capacity) and freed.shape == (b, hkv, total - kept)
-    assert (new[..., kept:] == -1).all()
-    scorer = BlockScorer(4, 2, d)
-    for bi in range(b):
-        for kv in range(hkv):
-            candidates = persistent[bi, kv, :num_persistent].tolist() + out_ids[bi, kv].tolist()
-            kept_ids = new[bi, kv, :kept].tolist()
-            assert kept_ids == sorted(kept_ids)
-            assert sorted(kept_ids + freed[bi, kv].tolist()) == sorted(candidates)
-            if kept < total:
-                imp = scorer.importance(
-                    q_reps[bi : bi + 1],
-                    key_reps[bi : bi + 1, :, candidates],
-                    torch.ones(1, hkv, total, dtype=torch.bool),
-                )[0, kv]
-                best = {candidates[i] for i in imp.topk(kept).indices.tolist()}
-                assert set(kept_ids) == best
-
-
-def test_update_persistent_of_patterns_without_memory_frees_everything():
-    persistent = torch.zeros(1, 2, 0, dtype=torch.int64)
-    evicted = torch.arange(6).view(1, 2, 3)
-    for pattern in (Dense(4), SinkWindow(1, 5), TopK(window_frames=6), PersistentLocal(0, 4)):
-        new, kept, freed = pattern.update_persistent(persistent, 0, evicted, None, None, None)
-        assert kept == 0 and torch.equal(freed, evicted)
-
-
-# -- retention ---------------------------------------------------------------------------------
-
-
-@given(
-    window=st.integers(3, 12),
-    sinks=st.integers(0, 3),
-    frames=st.integers(1, 3),
-    committed_chunks=st.integers(1, 10),
-)
-def test_retained_frames_keep_sinks_and_the_most_recent(window, sinks, frames, committed_chunks):
-    pattern = SinkWindow(sinks, window)
-    geometry = VideoGeometry(8, frames_per_chunk=frames, page_size=8)
-    if window < sinks + frames:
-        with pytest.raises(ValueError, match="window_frames"):
-            pattern.check_geometry(geometry)
-        return
-    n = committed_chunks * frames
-    kept = pattern.retained_frames(n, frames)
-    assert kept == sorted(set(kept)) and all(0 <= f < n for f in kept)
-    assert len(kept) == min(n, window - frames)  # the next chunk sees at most `window`
-    assert set(range(min(sinks, n))) <= set(kept)
-    recent = [f for f in kept if f >= sinks]
-    assert recent == list(range(n - len(recent), n))
-    assert Dense().retained_frames(n, frames) == list(range(n))
-
-
 # -- no loops over heads or blocks -------------------------------------------------------------
 
 
@@ -382,6 +303,23 @@ def test_table_building_op_count_does_not_depend_on_heads_or_blocks(pattern):
             pattern.select(view)
         counts.append(ops.count)
     assert counts[0] == counts[1]
+
+
+def test_the_views_of_a_chunk_share_its_layout_built_once():
+    geometry = VideoGeometry(16, frames_per_chunk=2, page_size=8, q_block=8)
+    pattern = PersistentLocal(6, 12, local_topk=3)
+    view = make_view(geometry, [0, 1, 2, 3, 4], 5, slots=6, num_persistent=4)
+    first = pattern.select(view)
+    again = dataclasses.replace(view, query_reps=view.query_reps.flip(2))
+    assert again.layout is view.layout
+    assert view.layout.columns is not None and view.layout.window is not None
+    with _CountOps() as shared:
+        table = pattern.select(again)
+    view.layout.clear()
+    with _CountOps() as fresh:
+        rebuilt = pattern.select(again)
+    assert shared.count < fresh.count
+    assert row_sets(table) == row_sets(rebuilt) != row_sets(first)
 
 
 # -- full sequence -----------------------------------------------------------------------------

@@ -6,16 +6,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from patterns.scorer_weights import load_scorers, save_scorers
 from patterns.scoring import (
     BlockScorer,
     block_attention_mass,
     iter_scorers,
-    load_gates,
     pool_key_blocks,
     pool_pages,
     pool_query_blocks,
     query_block_rows,
-    save_gates,
 )
 
 
@@ -238,7 +237,7 @@ def _model(heads=(2, 2)) -> nn.Module:
     return nn.ModuleList(_Layer(h) for h in heads)
 
 
-def test_gate_parameters_live_in_parent_state_dict():
+def test_scorer_projections_live_in_parent_state_dict():
     keys = _model().state_dict().keys()
     assert {"0.scorer.wq", "0.scorer.wk", "1.scorer.wq", "1.scorer.wk"} <= set(keys)
     assert [name for name, _ in iter_scorers(_model())] == ["0.scorer", "1.scorer"]
@@ -248,10 +247,10 @@ def test_save_load_round_trip(tmp_path):
     src = _model()
     for i, (_, s) in enumerate(iter_scorers(src)):
         _randomise(s, i)
-    path = tmp_path / "gates.safetensors"
-    save_gates(src, path)
+    path = tmp_path / "scorers.safetensors"
+    save_scorers(src, path)
     dst = _model()
-    load_gates(dst, path)
+    load_scorers(dst, path)
     for (_, a), (_, b) in zip(iter_scorers(src), iter_scorers(dst), strict=True):
         torch.testing.assert_close(a.wq, b.wq)
         torch.testing.assert_close(a.wk, b.wk)
@@ -259,9 +258,9 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_load_mismatch_raises_and_changes_nothing(tmp_path):
-    path = tmp_path / "gates.safetensors"
-    save_gates(_randomise(BlockScorer(2, 1, 4), 0), tmp_path / "single.safetensors")
-    save_gates(_model((2, 2)), path)
+    path = tmp_path / "scorers.safetensors"
+    save_scorers(_randomise(BlockScorer(2, 1, 4), 0), tmp_path / "single.safetensors")
+    save_scorers(_model((2, 2)), path)
     for target, pattern in (
         (_model((2, 4)), "shape mismatches.*1.scorer.wq"),
         (_model((2, 2, 2)), "missing keys.*2.scorer"),
@@ -271,10 +270,72 @@ def test_load_mismatch_raises_and_changes_nothing(tmp_path):
             target[0].scorer.wq.mul_(3.0)
         before = {k: v.clone() for k, v in target.state_dict().items()}
         with pytest.raises(ValueError, match=pattern):
-            load_gates(target, path)
+            load_scorers(target, path)
         for key, value in target.state_dict().items():
             assert torch.equal(value, before[key]), key
     with pytest.raises(ValueError, match="missing keys"):
-        load_gates(_model(), tmp_path / "single.safetensors")
+        load_scorers(_model(), tmp_path / "single.safetensors")
     with pytest.raises(ValueError, match="no BlockScorer"):
-        save_gates(nn.Linear(2, 2), tmp_path / "none.safetensors")
+        save_scorers(nn.Linear(2, 2), tmp_path / "none.safetensors")
+
+
+def _saved(tmp_path, tensors, name="bad.safetensors"):
+    from safetensors.torch import save_file
+
+    path = tmp_path / name
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (float("nan"), "holds NaN or inf"),
+        (float("inf"), "holds NaN or inf"),
+        (-float("inf"), "holds NaN or inf"),
+    ],
+)
+def test_load_rejects_non_finite_weights_naming_file_and_key(tmp_path, value, message):
+    good = {k: v.detach().clone() for k, v in _model().state_dict().items() if "scorer" in k}
+    good["1.scorer.wk"][0, 1, 2] = value
+    path = _saved(tmp_path, good)
+    target = _model()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"bad.safetensors.*'1.scorer.wk' {message}"):
+        load_scorers(target, path)
+    for key, tensor in target.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
+
+
+def test_load_rejects_non_float_weights_naming_file_and_key(tmp_path):
+    tensors = {k: v.detach().clone() for k, v in _model().state_dict().items() if "scorer" in k}
+    tensors["0.scorer.wq"] = tensors["0.scorer.wq"].to(torch.int32)
+    with pytest.raises(ValueError, match=r"bad.safetensors.*'0.scorer.wq' is torch.int32"):
+        load_scorers(_model(), _saved(tmp_path, tensors))
+
+
+def test_load_rejects_shapes_of_another_layer_and_files_that_are_not_safetensors(tmp_path):
+    path = tmp_path / "scorers.safetensors"
+    save_scorers(_model((2, 2)), path)
+    # same keys, projections of a layer with another head_dim
+    other = nn.ModuleList([nn.Module(), nn.Module()])
+    other[0].scorer, other[1].scorer = BlockScorer(2, 1, 8), BlockScorer(2, 1, 8)
+    with pytest.raises(ValueError, match=r"scorers.safetensors.*0.scorer.wq: file \(2, 4, 4\)"):
+        load_scorers(other, path)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors.*not a readable safetensors"):
+        load_scorers(_model(), junk)
+
+
+def test_save_is_atomic_and_refuses_non_finite_projections(tmp_path):
+    path = tmp_path / "scorers.safetensors"
+    save_scorers(_model(), path)
+    before = path.read_bytes()
+    broken = _model()
+    with torch.no_grad():
+        broken[1].scorer.wq[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'1.scorer.wq' holds NaN or inf"):
+        save_scorers(broken, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scorers.safetensors"]

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from patterns import BlockScorer, CacheView, PersistentLocal, VideoGeometry, pool_query_blocks
-from patterns.select_kernel import fused_select_supported, persistent_local_table
+from patterns.fused_select import fused_select_supported
+from patterns.select_kernel import persistent_local_table
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -2,9 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from patterns.diagnostics import attention_mass_recall, topk_mask
+from patterns.diagnostics import attention_mass_recall
 from patterns.scoring import BlockScorer, block_attention_mass, pool_key_blocks, pool_query_blocks
-from patterns.training import capture_qk, train_gates
+from patterns.selection import topk_mask
+from patterns.training import capture_qk, train_scorers
 
 HEADS, KV_HEADS, DIM, BLOCK, KEY_BLOCKS = 4, 2, 16, 16, 16
 TOPK = 4  # 25 % of the key blocks, the paper's operating point
@@ -24,7 +25,7 @@ def planted_qk(gen: torch.Generator, basis: torch.Tensor, batch: int = 2, lq: in
     * the other 8 blocks are noise.
 
     Mean pooling scores nuisance blocks 2·4 = 8 and salient ones 2·1.5 = 3, so its top-4 is
-    mostly nuisance. A linear compression that weights s up and d down ranks them correctly,
+    mostly nuisance. A linear projection that weights s up and d down ranks them correctly,
     and it must generalise: positions differ in every sample.
     """
     s, d = basis[:, 0], basis[:, 1]
@@ -64,7 +65,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_trained_gate_beats_mean_pooling_on_planted_salience(one_thread):
+def test_trained_scorer_beats_mean_pooling_on_planted_salience(one_thread):
     gen = torch.Generator().manual_seed(1234)
     basis, _ = torch.linalg.qr(torch.randn(DIM, DIM, generator=gen))
     train = [planted_qk(gen, basis) for _ in range(8)]
@@ -72,7 +73,7 @@ def test_trained_gate_beats_mean_pooling_on_planted_salience(one_thread):
     torch.manual_seed(0)
     scorer = BlockScorer(HEADS, KV_HEADS, DIM)
     mean_pool = _selection_recall(scorer, held_out)
-    result = train_gates(
+    result = train_scorers(
         [scorer],
         [train],
         q_block=BLOCK,
@@ -87,7 +88,7 @@ def test_trained_gate_beats_mean_pooling_on_planted_salience(one_thread):
     oracle = _selection_recall(None, held_out)
     print(
         f"\nheld-out attention-mass recall at top-{TOPK}/{KEY_BLOCKS} blocks: "
-        f"mean pooling {mean_pool:.3f} -> trained gate {trained:.3f} "
+        f"mean pooling {mean_pool:.3f} -> trained scorer {trained:.3f} "
         f"(oracle top-{TOPK} by true mass {oracle:.3f}; "
         f"KL {result['loss'][0]:.3f} -> {result['loss'][-1]:.3f})"
     )
@@ -101,7 +102,7 @@ def test_trained_gate_beats_mean_pooling_on_planted_salience(one_thread):
     assert trained <= oracle + 1e-6
 
 
-def test_train_gates_accepts_dict_samples_and_trains_layers_independently():
+def test_train_scorers_accepts_dict_samples_and_trains_layers_independently():
     gen = torch.Generator().manual_seed(0)
     scorers = [BlockScorer(2, 1, 8), BlockScorer(2, 2, 8)]
     samples = [
@@ -113,29 +114,31 @@ def test_train_gates_accepts_dict_samples_and_trains_layers_independently():
         ],
         [(torch.randn(1, 12, 2, 8, generator=gen), torch.randn(1, 20, 2, 8, generator=gen))],
     ]
-    result = train_gates(scorers, samples, q_block=4, kv_block=4, steps=3, lr=0.01, progress=False)
+    result = train_scorers(
+        scorers, samples, q_block=4, kv_block=4, steps=3, lr=0.01, progress=False
+    )
     assert len(result["loss"]) == 3
     assert len(result["recall_before"]) == len(result["recall_after"]) == 2
     eye = torch.eye(8)
     assert all(not torch.allclose(s.wq, eye.expand_as(s.wq)) for s in scorers)
 
 
-def test_train_gates_rejects_bad_input_without_touching_scorers():
+def test_train_scorers_rejects_bad_input_without_touching_scorers():
     scorer = BlockScorer(2, 1, 8)
     before = {k: v.clone() for k, v in scorer.state_dict().items()}
     good = [(torch.randn(1, 8, 2, 8), torch.randn(1, 8, 1, 8))]
     bad_heads = [(torch.randn(1, 8, 2, 8), torch.randn(1, 8, 2, 8))]
     kwargs = dict(q_block=4, kv_block=4, steps=2, lr=0.01, progress=False)
     with pytest.raises(ValueError, match="one sequence of samples per scorer"):
-        train_gates([scorer], [good, good], **kwargs)
+        train_scorers([scorer], [good, good], **kwargs)
     with pytest.raises(ValueError, match=r"samples\[0\]\[1\].*heads"):
-        train_gates([scorer], [good + bad_heads], **kwargs)
+        train_scorers([scorer], [good + bad_heads], **kwargs)
     with pytest.raises(ValueError, match="topk"):
-        train_gates([scorer], [good], topk=1.5, **kwargs)
+        train_scorers([scorer], [good], topk=1.5, **kwargs)
     with pytest.raises(ValueError, match="lr"):
-        train_gates([scorer], [good], q_block=4, kv_block=4, steps=2, lr=0.0)
+        train_scorers([scorer], [good], q_block=4, kv_block=4, steps=2, lr=0.0)
     with pytest.raises(TypeError, match="scorers"):
-        train_gates([nn.Linear(2, 2)], [good], **kwargs)
+        train_scorers([nn.Linear(2, 2)], [good], **kwargs)
     for key, value in scorer.state_dict().items():
         assert torch.equal(value, before[key])
 
@@ -181,7 +184,9 @@ def test_capture_qk_records_every_call_and_removes_hooks():
     assert [len(layer) for layer in samples] == [2, 2]  # hooks are gone
     assert all(not m._forward_pre_hooks for m in model.attn)
     scorers = [BlockScorer(4, 2, 4) for _ in model.attn]
-    result = train_gates(scorers, samples, q_block=4, kv_block=4, steps=2, lr=0.01, progress=False)
+    result = train_scorers(
+        scorers, samples, q_block=4, kv_block=4, steps=2, lr=0.01, progress=False
+    )
     assert len(result["loss"]) == 2
 
 
@@ -190,3 +195,22 @@ def test_capture_qk_removes_hooks_after_an_error():
     with pytest.raises(TypeError, match="capture_qk"), capture_qk([attn]):
         attn(torch.randn(1, 4, 2, 4))  # q only: the hook cannot find k
     assert not attn._forward_pre_hooks
+
+
+def test_scorer_recall_matches_the_training_report_and_grows_with_the_budget():
+    from patterns import scorer_recall
+
+    torch.manual_seed(3)
+    q = torch.randn(1, 64, 2, 16)
+    k = torch.randn(1, 128, 2, 16)
+    scorers = [BlockScorer(2, 2, 16)]
+    recall = scorer_recall(scorers, [[(q, k)]], q_block=16, kv_block=16, topk=(0.25, 1.0))
+    one = scorer_recall(scorers, [[(q, k)]], q_block=16, kv_block=16, topk=(1,))[1]
+    report = train_scorers(
+        scorers, [[(q, k)]], q_block=16, kv_block=16, steps=0, lr=1.0, topk=0.25, progress=False
+    )
+    assert recall[0.25] == pytest.approx(report["mean_recall_before"])
+    assert recall[1.0] == pytest.approx(1.0, abs=1e-5)
+    assert one < recall[0.25] < 1.0
+    with pytest.raises(ValueError, match="topk"):
+        scorer_recall(scorers, [[(q, k)]], q_block=16, kv_block=16, topk=(0,))

@@ -55,7 +55,7 @@ def test_outputs_equal_dense_attention_over_the_retained_frames(pattern):
     keep_all = isinstance(pattern, PersistentLocal) and pattern.persistent_blocks > 0
     for chunk in range(6):
         start = chunk * f
-        visible = range(start) if keep_all else pattern.retained_frames(start, f)
+        visible = range(start) if keep_all else pattern.cache_policy.retained_frames(start, f)
         for commit in (False, False, True):
             q, k, v = chunk_qkv(gen)
             with rt.chunk_pass(start, commit):
@@ -65,7 +65,7 @@ def test_outputs_equal_dense_attention_over_the_retained_frames(pattern):
             torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
         for j in range(f):
             committed[start + j] = (k[:, j * t : (j + 1) * t], v[:, j * t : (j + 1) * t])
-        assert rt.states[0].frames == tuple(pattern.retained_frames(start + f, f))
+        assert rt.states[0].frames == tuple(pattern.cache_policy.retained_frames(start + f, f))
 
 
 def _pool_snapshot(rt):

@@ -9,6 +9,7 @@ of ``q_block`` rows tile the same sequence. Used when a non-causal video DiT (e.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -67,11 +68,14 @@ def full_sequence_table(
             f"q's length {length} is not a whole number of {geometry.tokens_per_frame}-token frames"
         )
     layout = full_sequence_layout(geometry, length // geometry.tokens_per_frame, q.device)
-    q_reps = k_reps = None
     if pattern.needs_scores:
-        q_reps = pool_query_blocks(q, geometry.q_block)
-        k_reps = pool_key_blocks(k, geometry.page_size)
-    visible, bound = pattern.full_sequence_visibility(layout, q_reps, k_reps, scorer)
+        layout = dataclasses.replace(
+            layout,
+            q_reps=pool_query_blocks(q, geometry.q_block),
+            k_reps=pool_key_blocks(k, geometry.page_size),
+            scorer=scorer,
+        )
+    visible, bound = pattern.full_sequence_visibility(layout)
     mq = layout.q_frames.shape[0]
     shared_rows = visible.shape[2] == 1
     visible = visible.expand(b, heads, visible.shape[2], visible.shape[3])
