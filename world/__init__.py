@@ -3,7 +3,8 @@
 ``world.scenes`` renders seeded clips (backdrop, bouncing objects, an occluding bar) with
 their ground truth; ``world.latent`` is the fixed invertible frame <-> latent mapping;
 ``world.metrics`` scores a continuation against the truth (error by horizon, error on
-reappearing content, drift of frame statistics, the copy-last floor).
+reappearing content, drift of frame statistics, the copy-last floor); ``world.video``
+writes labelled side-by-side GIFs and error-vs-horizon plots.
 """
 
 from world.latent import LATENT_CHANNELS, frames_to_latents, latents_to_frames
@@ -28,6 +29,7 @@ from world.scenes import (
     heldout_seeds,
     render,
 )
+from world.video import plot_error_vs_horizon, write_panels_gif
 
 __all__ = [
     "DEFAULT_WORLD",
@@ -45,9 +47,11 @@ __all__ = [
     "latents_to_frames",
     "masked_mse",
     "mse",
+    "plot_error_vs_horizon",
     "psnr",
     "reappear_mask",
     "reappear_mse",
     "render",
     "stat_drift",
+    "write_panels_gif",
 ]
