@@ -169,11 +169,20 @@ def _pick(intervals: list[tuple[float, float]], u: float) -> float:
     return intervals[-1][1]
 
 
-def _draw_scene(seed: int, cfg: WorldConfig) -> dict[str, list]:
+def _uniforms_per_scene(cfg: WorldConfig) -> int:
+    return 7 + 3 + 12 * cfg.backdrop_waves + cfg.max_objects * (8 + 2 * cfg.placement_tries)
+
+
+def _draw_scene(seed: int, cfg: WorldConfig) -> dict:
+    # One draw per seed (a fixed layout of uniforms): the seed alone fixes the scene.
     g = torch.Generator().manual_seed(seed)
+    stream = torch.rand(_uniforms_per_scene(cfg), generator=g, dtype=torch.float64).tolist()
+    used = 0
 
     def uniform(k: int) -> list[float]:
-        return torch.rand(k, generator=g, dtype=torch.float64).tolist()
+        nonlocal used
+        used += k
+        return stream[used - k : used]
 
     W, H, N, K = cfg.width, cfg.height, cfg.max_objects, cfg.backdrop_waves
     (u_count, u_occ, u_hue, *u_occ_tex) = uniform(7)
@@ -184,13 +193,8 @@ def _draw_scene(seed: int, cfg: WorldConfig) -> dict[str, list]:
     shade = -0.35 + 0.3 * u_occ_tex[0]
     occ_color = [shade + 0.12, shade, shade - 0.1 + 0.1 * u_occ_tex[1]]
     occ_phase = 2 * math.pi * u_occ_tex[2]
-
-    bd = uniform(3 + 3 * K * 4)
-    base = [-0.55 + 0.35 * x for x in bd[:3]]
-    waves = torch.tensor(bd[3:], dtype=torch.float64).view(3, K, 4)
-    freq = 0.4 + 1.4 * waves[..., :2]  # low frequencies: a smooth backdrop
-    phase = 2 * math.pi * waves[..., 2]
-    amp = 0.35 * waves[..., 3] / K
+    base = [-0.55 + 0.35 * x for x in uniform(3)]
+    waves = uniform(12 * K)
 
     objs: list[dict] = []
     for i in range(N):
@@ -237,8 +241,21 @@ def _draw_scene(seed: int, cfg: WorldConfig) -> dict[str, list]:
                     )  # fmt: skip
                 )
                 break
-    return dict(objs=objs, occ_x=occ_x, occ_color=occ_color, occ_phase=occ_phase,
-                base=base, freq=freq, phase=phase, amp=amp)  # fmt: skip
+    absent = dict(x=0.0, y=0.0, vx=0.0, vy=0.0, size=1.0, disc=False, color=[0.0] * 3)
+    slots = objs + [absent] * (N - len(objs))
+    return dict(
+        present=[i < len(objs) for i in range(N)],
+        disc=[o["disc"] for o in slots],
+        size=[o["size"] for o in slots],
+        start=[[o["x"], o["y"]] for o in slots],
+        velocity=[[o["vx"], o["vy"]] for o in slots],
+        color=[o["color"] for o in slots],
+        occ_x=occ_x,
+        occ_color=occ_color,
+        occ_phase=occ_phase,
+        base=base,
+        waves=waves,
+    )
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -254,32 +271,28 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
 def draw_params(seeds: Sequence[int], config: WorldConfig = DEFAULT_WORLD) -> SceneParams:
     """Draw every scene's parameters on the CPU (float64), one generator per seed."""
     seeds = _check_seeds(seeds)
-    B, N, f64 = len(seeds), config.max_objects, torch.float64
+    K, f64 = config.backdrop_waves, torch.float64
     scenes = [_draw_scene(s, config) for s in seeds]
-    p = SceneParams(
-        present=torch.zeros(B, N, dtype=torch.bool),
-        is_disc=torch.zeros(B, N, dtype=torch.bool),
-        size=torch.ones(B, N, dtype=f64),
-        start=torch.zeros(B, N, 2, dtype=f64),
-        velocity=torch.zeros(B, N, 2, dtype=f64),
-        color=torch.zeros(B, N, 3, dtype=f64),
-        occluder_x=torch.tensor([s["occ_x"] for s in scenes], dtype=f64),
-        occluder_color=torch.tensor([s["occ_color"] for s in scenes], dtype=f64),
-        occluder_phase=torch.tensor([s["occ_phase"] for s in scenes], dtype=f64),
-        backdrop_base=torch.tensor([s["base"] for s in scenes], dtype=f64),
-        backdrop_freq=torch.stack([s["freq"] for s in scenes]),
-        backdrop_phase=torch.stack([s["phase"] for s in scenes]),
-        backdrop_amp=torch.stack([s["amp"] for s in scenes]),
+
+    def gather(key: str, dtype=f64) -> Tensor:
+        return torch.tensor([s[key] for s in scenes], dtype=dtype)
+
+    waves = gather("waves").view(-1, 3, K, 4)
+    return SceneParams(
+        present=gather("present", torch.bool),
+        is_disc=gather("disc", torch.bool),
+        size=gather("size"),
+        start=gather("start"),
+        velocity=gather("velocity"),
+        color=gather("color"),
+        occluder_x=gather("occ_x"),
+        occluder_color=gather("occ_color"),
+        occluder_phase=gather("occ_phase"),
+        backdrop_base=gather("base"),
+        backdrop_freq=0.4 + 1.4 * waves[..., :2],  # low frequencies: a smooth backdrop
+        backdrop_phase=2 * math.pi * waves[..., 2],
+        backdrop_amp=0.35 * waves[..., 3] / K,
     )
-    for b, s in enumerate(scenes):
-        for n, o in enumerate(s["objs"]):
-            p.present[b, n] = True
-            p.is_disc[b, n] = o["disc"]
-            p.size[b, n] = o["size"]
-            p.start[b, n] = torch.tensor([o["x"], o["y"]], dtype=f64)
-            p.velocity[b, n] = torch.tensor([o["vx"], o["vy"]], dtype=f64)
-            p.color[b, n] = torch.tensor(o["color"], dtype=f64)
-    return p
 
 
 def object_centers(
