@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patterns.checks import check_int
+from runtime.eager import same_device
 
 
 @runtime_checkable
@@ -90,12 +91,20 @@ def generate(
     progress: bool = True,
     device=None,
     dtype: torch.dtype | None = None,
+    prefix: Tensor | None = None,
 ) -> Tensor:
-    """Roll out `num_chunks` chunks; returns the clean latents [B, C, num_chunks·F, H, W].
+    """Roll out `num_chunks` chunks; returns the clean latents [B, C, P + num_chunks·F, H, W].
 
     context: [1 or B, L_text, text_dim] text embeddings (a batch of 1 is shared). Noise is
     drawn on the CPU from a generator seeded with `seed`, so the result depends only on the
     seed and the runner, not on the device. `device`/`dtype` default to the context's.
+
+    prefix (video continuation): clean latents [1 or B, C, P, H, W] on `device` in `dtype`,
+    P a positive multiple of frames_per_chunk. Its chunks are committed first (one commit
+    pass per chunk at t = 0, no denoising), then `num_chunks` chunks are sampled after them;
+    the runner is reset for P + num_chunks·F frames. The result starts with the prefix
+    itself (frames 0…P−1, broadcast to B), so frame indices are absolute; without a prefix,
+    P = 0. The noise drawn does not depend on the prefix.
     """
     schedule = SelfForcingSchedule() if schedule is None else schedule
     if not isinstance(schedule, SelfForcingSchedule):
@@ -117,6 +126,8 @@ def generate(
 
     frames = schedule.frames_per_chunk
     shape = (batch_size, channels, frames, height, width)
+    if prefix is not None:
+        prefix = _check_prefix(prefix, shape, device, dtype).expand(batch_size, -1, -1, -1, -1)
     generator = torch.Generator().manual_seed(seed)
 
     def noise() -> Tensor:
@@ -126,10 +137,15 @@ def generate(
         return torch.full((batch_size, frames), value, device=device, dtype=torch.float32)
 
     sigmas, timesteps = schedule.sigmas, schedule.timesteps
-    runner.reset(batch_size, device, dtype, num_chunks * frames)
+    prefix_frames = 0 if prefix is None else prefix.shape[2]
+    runner.reset(batch_size, device, dtype, prefix_frames + num_chunks * frames)
     chunks = []
+    for start in range(0, prefix_frames, frames):
+        clean = prefix[:, :, start : start + frames]
+        runner(clean, timestep(0.0), context, start, commit=True)
+        chunks.append(clean)
     for chunk in tqdm(range(num_chunks), desc="rollout", unit="chunk", disable=not progress):
-        start = chunk * frames
+        start = prefix_frames + chunk * frames
         x = noise()
         for i, (sigma, t) in enumerate(zip(sigmas, timesteps, strict=True)):
             flow = runner(x, timestep(t), context, start, commit=False)
@@ -139,3 +155,29 @@ def generate(
         runner(x0, timestep(0.0), context, start, commit=True)
         chunks.append(x0)
     return torch.cat(chunks, dim=2)
+
+
+def _check_prefix(
+    prefix: Tensor, chunk_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """`prefix` [1 or B, C, P, H, W] checked against one chunk's shape [B, C, F, H, W], the
+    rollout's device and dtype; a ValueError naming `prefix` says what was expected."""
+    batch, channels, frames, height, width = chunk_shape
+    if not isinstance(prefix, Tensor) or prefix.ndim != 5:
+        got = tuple(prefix.shape) if isinstance(prefix, Tensor) else type(prefix).__name__
+        raise ValueError(f"prefix must be a 5-D latent tensor [B, C, P, H, W], got {got}")
+    b, c, p, h, w = prefix.shape
+    if b not in (1, batch) or (c, h, w) != (channels, height, width):
+        raise ValueError(
+            f"prefix shape {tuple(prefix.shape)} must be [1 or {batch}, {channels}, P, "
+            f"{height}, {width}] (batch_size and latent_shape)"
+        )
+    if p == 0 or p % frames:
+        raise ValueError(
+            f"prefix must hold a positive multiple of frames_per_chunk={frames} frames, got {p}"
+        )
+    if prefix.dtype != dtype or not same_device(prefix.device, device):
+        raise ValueError(
+            f"prefix is {prefix.dtype} on {prefix.device}, the rollout runs in {dtype} on {device}"
+        )
+    return prefix
