@@ -186,7 +186,9 @@ class Trainer:
         r, started, first = self.recipe, time.monotonic(), self.step
         if self.step == 0 and not self.records:
             self.records.append({"step": 0, **self.evaluate()})
-        loss_sum = torch.zeros((), device=self.device)  # summed on the device: no sync
+        # Summed on the device (no sync), in float64: float32 losses of similar size add
+        # exactly, so a sum split by a resume equals the uninterrupted one.
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         count, t_log, reported = 0, time.monotonic(), False
         bar = tqdm(total=r.steps, initial=self.step, unit="step", disable=not progress)
         reason = "done" if self.step >= r.steps else ""
