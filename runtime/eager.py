@@ -221,7 +221,8 @@ def self_forcing_cache(num_frames: int) -> FrameCache:
     return RollingCache(SELF_FORCING_WINDOW_FRAMES)
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether a and b name the same device (an index-less "cuda" matches any index)."""
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
@@ -311,7 +312,7 @@ class EagerRunner:
             raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
         if x.ndim >= 1 and x.shape[0] != self._batch_size:
             raise ValueError(f"x has batch {x.shape[0]}, reset was for {self._batch_size}")
-        if x.dtype != self._dtype or not _same_device(x.device, self._device):
+        if x.dtype != self._dtype or not same_device(x.device, self._device):
             raise ValueError(
                 f"x is {x.dtype} on {x.device}, reset was for {self._dtype} on {self._device}"
             )

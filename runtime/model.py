@@ -416,16 +416,54 @@ class CausalWanModel(nn.Module):
         context: Tensor,
         start_frame: int | Tensor,
         attn_mask: Tensor | None = None,
+        *,
+        frame_positions: Tensor | None = None,
     ) -> Tensor:
         """Flow prediction for latents x [B, C, F, H, W] at absolute frames start_frame + f.
 
         timestep: [B, F] (per frame) or [B]; context: [B, L_text, text_dim]; attn_mask
         (optional, bool, broadcastable to [B, H, L, L] with L = F·tokens_per_frame) restricts
         self-attention, e.g. to a block-causal pattern for teacher forcing. Without a mask
-        every token sees every token of x (the chunk form). Returns [B, C_out, F, H, W].
+        every token sees every token of x (the chunk form). `frame_positions` (optional,
+        int64 [F]) puts frame f at RoPE position `frame_positions[f]` instead of
+        `start_frame + f` (teacher forcing repeats positions). Returns [B, C_out, F, H, W].
         """
         timestep = self._check_inputs(x, timestep, context, start_frame, attn_mask, chunk=False)
-        return self._run(x, timestep, context, start_frame, attn_mask, None)
+        self._check_frame_positions(frame_positions, x.shape[2])
+        return self._run(x, timestep, context, start_frame, attn_mask, None, frame_positions)
+
+    def _check_frame_positions(self, frame_positions: Tensor | None, frames: int) -> None:
+        """frame_positions must be None or an integer [frames] tensor of RoPE positions."""
+        if frame_positions is None:
+            return
+        if (
+            not isinstance(frame_positions, Tensor)
+            or frame_positions.dtype.is_floating_point
+            or frame_positions.dtype.is_complex
+            or frame_positions.dtype == torch.bool
+            or tuple(frame_positions.shape) != (frames,)
+        ):
+            raise ValueError(
+                f"frame_positions must be an integer tensor of shape [F]=({frames},), got "
+                + (
+                    f"shape {tuple(frame_positions.shape)} and dtype {frame_positions.dtype}"
+                    if isinstance(frame_positions, Tensor)
+                    else type(frame_positions).__name__
+                )
+            )
+        # Values are read only from a CPU tensor in eager mode: a device tensor would cost a
+        # host sync on every training step (an out-of-range index still fails the gather).
+        if frame_positions.device.type != "cpu" or _is_tracing():
+            return
+        if (
+            int(frame_positions.min()) < 0
+            or int(frame_positions.max()) >= self.config.rope_positions
+        ):
+            raise ValueError(
+                f"frame_positions must lie in [0, {self.config.rope_positions}) (the RoPE "
+                f"table), got values in [{int(frame_positions.min())}, "
+                f"{int(frame_positions.max())}]"
+            )
 
     def forward_cached(
         self,
@@ -455,6 +493,7 @@ class CausalWanModel(nn.Module):
         start_frame: int | Tensor,
         attn_mask: Tensor | None,
         caches: Sequence[KVCacheSlot] | None,
+        frame_positions: Tensor | None = None,
     ) -> Tensor:
         b, _, frames, _, _ = x.shape
         cfg = self.config
@@ -464,7 +503,7 @@ class CausalWanModel(nn.Module):
         e = self.time_embedding(sinus).unflatten(0, (b, frames))  # [B, F, dim]
         e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))  # [B, F, 6, dim]
         ctx = self.text_embedding(context)
-        rope = self.rope(start_frame, frames, cfg.grid_height, cfg.grid_width)
+        rope = self.rope(start_frame, frames, cfg.grid_height, cfg.grid_width, frame_positions)
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
             tokens = block(tokens, e0, ctx, rope, attn_mask, cache)

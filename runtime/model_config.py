@@ -128,7 +128,8 @@ class WanConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> WanConfig:
-        """A named preset (`tiny`, `tiny_misaligned`, `wan2.1-1.3b`) with fields overridden."""
+        """A named preset (`tiny`, `tiny_misaligned`, `world`, `wan2.1-1.3b`) with fields
+        overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset name {name!r}; expected one of {sorted(PRESETS)}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
@@ -154,6 +155,22 @@ PRESETS: dict[str, WanConfig] = {
     "tiny": _TINY,
     # 5 x 7 = 35 tokens per frame: frames never align with 16/32/64/128-token blocks.
     "tiny_misaligned": dataclasses.replace(_TINY, latent_height=10, latent_width=14),
+    # The reference world's model: 64x64 frames as 12x32x32 space-to-depth latents, 16 x 16 =
+    # 256 tokens per frame. No text: the world passes a constant zero context [B, 1, 16] and
+    # conditions on a clean prefix. ~2.7 M parameters; head_dim 32 (a PBSA kernel size).
+    "world": WanConfig(
+        dim=160,
+        num_heads=5,
+        num_layers=6,
+        ffn_dim=640,
+        text_dim=16,
+        text_len=1,
+        in_channels=12,
+        out_channels=12,
+        latent_height=32,
+        latent_width=32,
+        rope_positions=1024,
+    ),
     # Wan2.1-T2V-1.3B at 480x832 (VAE stride 8): 60 x 104 latent, 30 x 52 = 1560 tokens.
     "wan2.1-1.3b": WanConfig(
         dim=1536,

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from patterns.checks import check_int
 from patterns.geometry import FRAMES_PER_CHUNK
+from runtime.eager import same_device
 
 
 @runtime_checkable
@@ -83,14 +84,18 @@ class SelfForcingSchedule:
         return tuple(self.num_train_timesteps * sigma for sigma in self.sigmas)
 
 
-def _check_length(runner: ChunkRunner, num_chunks: int, frames_per_chunk: int) -> None:
+def _check_length(
+    runner: ChunkRunner, num_chunks: int, frames_per_chunk: int, prefix_frames: int
+) -> None:
     limit = getattr(runner, "max_frames", None)
-    if limit is not None and num_chunks * frames_per_chunk > limit:
+    total = prefix_frames + num_chunks * frames_per_chunk
+    if limit is not None and total > limit:
+        after = f" after a prefix of {prefix_frames}" if prefix_frames else ""
         raise ValueError(
-            f"num_chunks={num_chunks}: {num_chunks} chunks of {frames_per_chunk} frames span "
-            f"{num_chunks * frames_per_chunk} frames, past the runner's limit of {limit} "
-            f"(max_frames, the positions its model can encode): at most "
-            f"{limit // frames_per_chunk} chunks"
+            f"num_chunks={num_chunks}: {num_chunks} chunks of {frames_per_chunk} frames"
+            f"{after} span {total} frames, past the runner's limit of {limit} (max_frames, the "
+            f"positions its model can encode): at most "
+            f"{(limit - prefix_frames) // frames_per_chunk} chunks"
         )
 
 
@@ -107,13 +112,22 @@ def generate(
     progress: bool = True,
     device=None,
     dtype: torch.dtype | None = None,
+    prefix: Tensor | None = None,
 ) -> Tensor:
-    """Roll out `num_chunks` chunks; returns the clean latents [B, C, num_chunks·F, H, W].
+    """Roll out `num_chunks` chunks; returns the clean latents [B, C, P + num_chunks·F, H, W].
 
     context: [1 or B, L_text, text_dim] text embeddings (a batch of 1 is shared). Noise is
     drawn on the CPU from a generator seeded with `seed`, so the result depends only on the
     seed and the runner, not on the device. `device`/`dtype` default to the context's.
-    A rollout longer than the runner's ``max_frames`` is a ValueError before any work.
+
+    prefix (video continuation): clean latents [1 or B, C, P, H, W] on `device` in `dtype`,
+    P a positive multiple of frames_per_chunk. Its chunks are committed first (one commit
+    pass per chunk at t = 0, no denoising), then `num_chunks` chunks are sampled after them;
+    the runner is reset for P + num_chunks·F frames. The result starts with the prefix
+    itself (frames 0…P−1, broadcast to B), so frame indices are absolute; without a prefix,
+    P = 0. The noise drawn does not depend on the prefix.
+    A rollout longer than the runner's ``max_frames`` (prefix included) is a ValueError
+    before any work.
     """
     schedule = SelfForcingSchedule() if schedule is None else schedule
     if not isinstance(schedule, SelfForcingSchedule):
@@ -134,8 +148,11 @@ def generate(
     context = context.to(device, dtype).expand(batch_size, -1, -1)
 
     frames = schedule.frames_per_chunk
-    _check_length(runner, num_chunks, frames)
     shape = (batch_size, channels, frames, height, width)
+    if prefix is not None:
+        prefix = _check_prefix(prefix, shape, device, dtype).expand(batch_size, -1, -1, -1, -1)
+    prefix_frames = 0 if prefix is None else prefix.shape[2]
+    _check_length(runner, num_chunks, frames, prefix_frames)
     generator = torch.Generator().manual_seed(seed)
 
     def noise() -> Tensor:
@@ -145,10 +162,14 @@ def generate(
         return torch.full((batch_size, frames), value, device=device, dtype=torch.float32)
 
     sigmas, timesteps = schedule.sigmas, schedule.timesteps
-    runner.reset(batch_size, device, dtype, num_chunks * frames)
+    runner.reset(batch_size, device, dtype, prefix_frames + num_chunks * frames)
     chunks = []
+    for start in range(0, prefix_frames, frames):
+        clean = prefix[:, :, start : start + frames]
+        runner(clean, timestep(0.0), context, start, commit=True)
+        chunks.append(clean)
     for chunk in tqdm(range(num_chunks), desc="rollout", unit="chunk", disable=not progress):
-        start = chunk * frames
+        start = prefix_frames + chunk * frames
         x = noise()
         for i, (sigma, t) in enumerate(zip(sigmas, timesteps, strict=True)):
             flow = runner(x, timestep(t), context, start, commit=False)
@@ -158,3 +179,29 @@ def generate(
         runner(x0, timestep(0.0), context, start, commit=True)
         chunks.append(x0)
     return torch.cat(chunks, dim=2)
+
+
+def _check_prefix(
+    prefix: Tensor, chunk_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """`prefix` [1 or B, C, P, H, W] checked against one chunk's shape [B, C, F, H, W], the
+    rollout's device and dtype; a ValueError naming `prefix` says what was expected."""
+    batch, channels, frames, height, width = chunk_shape
+    if not isinstance(prefix, Tensor) or prefix.ndim != 5:
+        got = tuple(prefix.shape) if isinstance(prefix, Tensor) else type(prefix).__name__
+        raise ValueError(f"prefix must be a 5-D latent tensor [B, C, P, H, W], got {got}")
+    b, c, p, h, w = prefix.shape
+    if b not in (1, batch) or (c, h, w) != (channels, height, width):
+        raise ValueError(
+            f"prefix shape {tuple(prefix.shape)} must be [1 or {batch}, {channels}, P, "
+            f"{height}, {width}] (batch_size and latent_shape)"
+        )
+    if p == 0 or p % frames:
+        raise ValueError(
+            f"prefix must hold a positive multiple of frames_per_chunk={frames} frames, got {p}"
+        )
+    if prefix.dtype != dtype or not same_device(prefix.device, device):
+        raise ValueError(
+            f"prefix is {prefix.dtype} on {prefix.device}, the rollout runs in {dtype} on {device}"
+        )
+    return prefix

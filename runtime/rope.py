@@ -36,16 +36,27 @@ class Rope3d(nn.Module):
             self.register_buffer(f"{axis}_sin", angles.sin().float(), persistent=False)
 
     def forward(
-        self, start_frame: int | Tensor, num_frames: int, height: int, width: int
+        self,
+        start_frame: int | Tensor,
+        num_frames: int,
+        height: int,
+        width: int,
+        frame_positions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """cos, sin of shape [num_frames·height·width, head_dim/2] (float32).
 
         Token order is frame-major then row then column, matching the patch embedding.
-        `start_frame` may be a 0-dim int64 tensor: the frame rows are gathered by tensor
-        indexing so that a traced graph keeps it as a runtime input.
+        Frame f sits at position `start_frame + f`, or at `frame_positions[f]` when that
+        int64 [num_frames] tensor is given (teacher forcing puts a clean and a noisy copy of
+        a clip at the same positions; `start_frame` is then ignored). `start_frame` may be a
+        0-dim int64 tensor: the frame rows are gathered by tensor indexing so that a traced
+        graph keeps it as a runtime input.
         """
         device = self.frame_cos.device
-        frames = torch.arange(num_frames, device=device) + start_frame
+        if frame_positions is None:
+            frames = torch.arange(num_frames, device=device) + start_frame
+        else:
+            frames = frame_positions.to(device)
         rows = torch.arange(height, device=device)
         cols = torch.arange(width, device=device)
         return (

@@ -76,6 +76,10 @@ def test_a_rollout_past_the_rope_table_is_rejected_before_any_work(small_rope, m
     with pytest.raises(ValueError, match=r"num_chunks=3.*limit of 8.*at most 2 chunks"):
         generate(runner, context, 3, latent_shape=shape, progress=False)
     assert (runner.resets, runner.passes, _held(runner.runner)) == (resets, passes, held)
+    prefix = torch.zeros(1, *shape[:1], 3, *shape[1:])
+    with pytest.raises(ValueError, match=r"num_chunks=2.*prefix of 3.*limit of 8.*at most 1 "):
+        generate(runner, context, 2, latent_shape=shape, progress=False, prefix=prefix)
+    assert (runner.resets, runner.passes, _held(runner.runner)) == (resets, passes, held)
     with pytest.raises(ValueError, match=r"num_frames=9 exceeds.*max_frames=8"):
         runner.runner.reset(1, "cpu", torch.float32, 9)
     assert _held(runner.runner) == held

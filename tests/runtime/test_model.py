@@ -172,6 +172,35 @@ def test_chunk_form_is_invariant_to_a_global_frame_shift():
     assert torch.equal(model(x, t, ctx, torch.tensor(7)), model(x, t, ctx, 7))
 
 
+def test_frame_positions_place_each_frame():
+    cfg = WanConfig.preset("tiny")
+    model = CausalWanModel(cfg).eval()
+    for block in model.blocks:  # per-token model whose output shows the keys' RoPE positions
+        block.self_attn.attn = _Keys()
+    x, t, ctx = _inputs(cfg, batch=1, chunks=2)
+    with torch.no_grad():
+        default = model(x, t, ctx, 4)
+        assert torch.equal(model(x, t, ctx, 0, frame_positions=torch.arange(4, 10)), default)
+        # repeated positions (teacher forcing): frames 3-5 at the positions of frames 0-2
+        repeated = model(x, t, ctx, 0, frame_positions=torch.arange(3).repeat(2))
+        chunk_at_0 = model(x[:, :, 3:], t[:, 3:], ctx, 0)
+    assert (default - model(x, t, ctx, 0)).abs().max() > 1e-2
+    torch.testing.assert_close(repeated[:, :, 3:], chunk_at_0, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_frame_positions(tiny):
+    x, t, ctx = _inputs(tiny.config, batch=1)
+    for positions, message in [
+        (torch.arange(2), r"shape \[F\]=\(3,\)"),
+        (torch.arange(3.0), "integer tensor"),
+        ([0, 1, 2], "integer tensor"),
+        (torch.tensor([0, 1, 1024]), r"\[0, 1024\)"),
+        (torch.tensor([-1, 0, 1]), r"\[0, 1024\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tiny(x, t, ctx, 0, frame_positions=positions)
+
+
 # -- export ------------------------------------------------------------------------------------
 
 

@@ -126,3 +126,54 @@ def test_bad_generate_arguments(tiny):
         kwargs.update(overrides)
         with pytest.raises(error, match=message):
             generate(runner, **kwargs)
+
+
+def test_prefix_is_committed_then_sampled_after():
+    target = torch.full((2, 4, 3, 6, 6), 0.5)
+    runner = _Recorder(target)
+    prefix = torch.randn(1, 4, 6, 6, 6)
+    ctx = torch.randn(1, 8, 32)
+    out = generate(
+        runner, ctx, 2, latent_shape=(4, 6, 6), batch_size=2, progress=False, prefix=prefix
+    )
+    assert runner.resets == [(2, torch.device("cpu"), torch.float32, 12)]
+    assert out.shape == (2, 4, 12, 6, 6)
+    assert torch.equal(out[:, :, :6], prefix.expand(2, -1, -1, -1, -1))
+    commits, sampled = runner.calls[:2], runner.calls[2:]
+    for chunk, (x, t, start, commit) in enumerate(commits):
+        assert commit and start == 3 * chunk and torch.all(t == 0)
+        assert torch.equal(x, prefix[:, :, start : start + 3].expand(2, -1, -1, -1, -1))
+    assert [c[2] for c in sampled] == [6] * 5 + [9] * 5
+    # the sampled chunks are what a rollout without prefix samples (same noise, same runner)
+    plain = generate(
+        _Recorder(target), ctx, 2, latent_shape=(4, 6, 6), batch_size=2, progress=False
+    )
+    torch.testing.assert_close(out[:, :, 6:], plain)
+
+
+def test_bad_prefix(tiny):
+    ctx = torch.randn(1, 8, 32)
+    cases = [
+        (torch.zeros(4, 3, 16, 16), "5-D"),
+        (torch.zeros(3, 4, 3, 16, 16), "batch_size"),
+        (torch.zeros(1, 3, 3, 16, 16), "latent_shape"),
+        (torch.zeros(1, 4, 3, 16, 8), "latent_shape"),
+        (torch.zeros(1, 4, 4, 16, 16), "multiple of frames_per_chunk"),
+        (torch.zeros(1, 4, 0, 16, 16), "multiple of frames_per_chunk"),
+        (torch.zeros(1, 4, 3, 16, 16, dtype=torch.float64), "float64 on cpu"),
+        ([0.0], "5-D"),
+    ]
+    for prefix, message in cases:
+        runner = EagerRunner(tiny)
+        with pytest.raises(ValueError, match=message) as error:
+            generate(
+                runner,
+                ctx,
+                1,
+                latent_shape=(4, 16, 16),
+                batch_size=2,
+                progress=False,
+                prefix=prefix,
+            )
+        assert str(error.value).startswith("prefix")
+        assert runner.next_frame == 0

@@ -1,0 +1,114 @@
+"""Teacher forcing sees what the cached rollout sees: masks, both attention paths, equality
+with the prefix-conditioned eager rollout."""
+
+import copy
+
+import pytest
+import torch
+
+from runtime.eager import EagerRunner
+from runtime.model import CausalWanModel
+from runtime.model_config import WanConfig
+from runtime.rollout import SelfForcingSchedule, generate
+from world.teacher_forcing import (
+    BlockMaskAttention,
+    TeacherForcing,
+    block_causal_mask,
+    frame_visibility,
+)
+
+CLIP = 9  # three chunks of three frames
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    model = CausalWanModel(WanConfig.preset("tiny")).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    cfg = model.config
+    clean = torch.randn(2, cfg.in_channels, CLIP, 16, 16, generator=gen, dtype=torch.float64)
+    eps = torch.randn(clean.shape, generator=gen, dtype=torch.float64)
+    context = torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen, dtype=torch.float64)
+    return model, clean, eps, context.expand(2, -1, -1)
+
+
+def test_frame_visibility_is_block_causal():
+    c, n = 1, 0  # clean / noisy visible-ness written out for F = 6, two chunks
+    clean_rows = [[c] * 3 + [n] * 3 + [n] * 6] * 3 + [[c] * 6 + [n] * 6] * 3
+    noisy_rows = [[n] * 6 + [c] * 3 + [n] * 3] * 3 + [[c] * 3 + [n] * 3 + [n] * 3 + [c] * 3] * 3
+    expected = torch.tensor(clean_rows + noisy_rows, dtype=torch.bool)
+    assert torch.equal(frame_visibility(6, 3), expected)
+    mask = block_causal_mask(6, 3, tokens_per_frame=2)
+    assert mask.shape == (24, 24)
+    assert torch.equal(mask[::2, ::2], expected) and torch.equal(mask[1::2, ::2], expected)
+
+
+def test_bad_clip_frames():
+    with pytest.raises(ValueError, match="clip_frames"):
+        frame_visibility(7, 3)
+    model = CausalWanModel(WanConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="attention"):
+        TeacherForcing(model, 6, attention="sdpa")
+    tf = TeacherForcing(model, 6)
+    x = torch.zeros(1, 4, 6, 16, 16)
+    with pytest.raises(ValueError, match="timestep"):
+        tf(x, x, torch.zeros(1, 3), torch.zeros(1, 8, 32))
+    with pytest.raises(ValueError, match="noisy"):
+        tf(x, x[:, :, :3], torch.zeros(1, 6), torch.zeros(1, 8, 32))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_dense_and_flex_paths_agree(tiny64):
+    model, clean, eps, context = tiny64
+    sigma = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64).repeat_interleave(3)
+    noisy = (1 - sigma[:, None, None]) * clean + sigma[:, None, None] * eps
+    t = (1000 * sigma).expand(2, -1).float()
+    clean, noisy, t, context = clean[:1, :, :6], noisy[:1, :, :6], t[:1, :6], context[:1]
+    dense = TeacherForcing(model, 6, attention="dense")(clean, noisy, t, context)
+    flex_model = copy.deepcopy(model).float()
+    flex = TeacherForcing(flex_model, 6, attention="flex")
+    assert all(isinstance(b.self_attn.attn, BlockMaskAttention) for b in flex_model.blocks)
+    with torch.no_grad():  # flex_attention has no CPU backward
+        got = flex(clean.float(), noisy.float(), t, context.float())
+    torch.testing.assert_close(got.double(), dense, atol=2e-4, rtol=2e-4)
+
+
+def test_teacher_forcing_equals_prefix_rollout(tiny64):
+    """Noisy chunk i of the teacher-forcing pass == the eager rollout's denoising prediction
+    for chunk i after committing clean chunks < i, at the same noise (train = infer)."""
+    model, clean, eps, context = tiny64
+    sigma = torch.tensor([1.0, 0.7, 0.35], dtype=torch.float64).repeat_interleave(3)
+    noisy = (1 - sigma[:, None, None]) * clean + sigma[:, None, None] * eps
+    t = (1000 * sigma).expand(2, -1).float()
+    predicted = TeacherForcing(model, CLIP, attention="dense")(clean, noisy, t, context)
+    for chunk in range(3):
+        frames = slice(3 * chunk, 3 * chunk + 3)
+        runner = EagerRunner(model)
+        runner.reset(2, "cpu", torch.float64, CLIP)
+        for start in range(0, 3 * chunk, 3):
+            runner(clean[:, :, start : start + 3], torch.zeros(2, 3), context, start, commit=True)
+        rollout = runner(noisy[:, :, frames], t[:, frames], context, 3 * chunk, commit=False)
+        torch.testing.assert_close(rollout, predicted[:, :, frames], atol=1e-10, rtol=1e-10)
+
+
+def test_generate_with_prefix_equals_teacher_forcing(tiny64):
+    """One-step sampling after a 6-frame prefix: x0 = noise − v with v from teacher forcing."""
+    model, clean, eps, context = tiny64
+    seed, cfg = 5, model.config
+    noise = torch.randn((2, 4, 3, 16, 16), generator=torch.Generator().manual_seed(seed))
+    noisy = torch.cat([clean[:, :, :6], noise.double()], dim=2)
+    t = torch.tensor([0.0] * 6 + [1000.0] * 3).expand(2, -1)
+    flow = TeacherForcing(model, CLIP, attention="dense")(clean, noisy, t, context)
+    out = generate(
+        EagerRunner(model),
+        context,
+        1,
+        latent_shape=(cfg.in_channels, 16, 16),
+        batch_size=2,
+        seed=seed,
+        schedule=SelfForcingSchedule(denoising_steps=(1000.0,)),
+        progress=False,
+        prefix=clean[:, :, :6],
+    )
+    assert out.shape == (2, 4, CLIP, 16, 16)
+    assert torch.equal(out[:, :, :6], clean[:, :, :6])
+    torch.testing.assert_close(out[:, :, 6:], noise.double() - flow[:, :, 6:], atol=1e-10, rtol=0)
