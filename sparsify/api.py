@@ -31,11 +31,10 @@ from runtime import AttentionRuntime, CausalWanModel, FullSequenceAttention, Sta
 from sparsify.capture import CAPTURE_METHODS, capture, runtime_inputs
 from sparsify.classify import SELF, Verdict, classify, keep_reason
 from sparsify.defaults import default_geometry
-from sparsify.matching import find_sites
 from sparsify.ops import bind
 from sparsify.plan import KEPT, REWRITTEN, Plan, PlanRow
 from sparsify.rewrite import rebind, rewrite
-from sparsify.sites import AttentionSite
+from sparsify.sites import AttentionSite, find_sites
 
 MODES = ("cached", "full_sequence")
 OPTIONS = ("mode", "page_size", "q_block", "debug", "capture_methods", "cuda_graphs")

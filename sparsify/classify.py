@@ -18,7 +18,8 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from codegen.spec import HEAD_DIMS
-from sparsify.sites import AttentionSite, node_value, op_name, view_chain, written_input
+from sparsify.sites.fx import node_value, op_name, view_chain, written_input
+from sparsify.sites.records import AttentionSite
 
 SELF, CROSS = "self", "cross"
 

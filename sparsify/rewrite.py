@@ -1,8 +1,8 @@
 """Rewrite attention sites of a captured graph into `sparse_forcing::pbsa_site` calls.
 
 For each chosen site the pass inserts, before the attention op: q/k/v taken from the tensors
-the model computed (see `sparsify.sites.trace_operand`), cast to the dtype the op consumed and
-permuted to BLHD — k/v keep their Hkv heads, GQA is not expanded — and q multiplied by
+the model computed (see `sparsify.sites.operands.trace_operand`), cast to the dtype the op
+consumed and permuted to BLHD — k/v keep their Hkv heads, GQA is not expanded — and q multiplied by
 scale·√D when the site's softmax scale is not the kernel's default 1/√D; then the op call;
 then the result brought back to the layout, (B·H merge,) and dtype of the site's output, whose
 uses it takes over. The attention op and whatever only it used become dead code and are removed.
@@ -19,15 +19,9 @@ import torch._functorch.predispatch as predispatch
 from torch.fx import Graph, GraphModule, Node
 
 from sparsify.ops import PBSA_SITE
-from sparsify.sites import (
-    BLHD_TO_BHLD,
-    AttentionSite,
-    Operand,
-    compose_perm,
-    node_dtype,
-    op_name,
-    written_input,
-)
+from sparsify.sites.fx import node_dtype, op_name, written_input
+from sparsify.sites.operands import compose_perm
+from sparsify.sites.records import BLHD_TO_BHLD, AttentionSite, Operand
 
 aten = torch.ops.aten
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparsify.capture import capture
-from sparsify.matching import find_sites, find_unfused, graph_view, match_chains
+from sparsify.sites import find_sites
+from sparsify.sites.unfused import find_unfused, graph_view, match_chains
 
 UNFUSED = ["matmul_permute", "einsum_blhd", "bmm_prescaled", "matmul_gqa_repeat"]
 METHODS = ["torch.export", "dynamo", "fx.symbolic_trace"]

@@ -11,7 +11,7 @@ are matched against it with VF2 (`networkx.algorithms.isomorphism.DiGraphMatcher
 spelling whose ops reduce to those kinds matches. Each match is then read through the
 products' einsum equations (a matmul/bmm is `…xy,…yz->…xz`) to find which operand is q, k and
 v and how each is laid out. `find_sites` combines these with the fused forms of
-`sparsify.sites`.
+`sparsify.sites.fused` (`sparsify.sites.find`).
 """
 
 from __future__ import annotations
@@ -25,20 +25,9 @@ from networkx.algorithms.isomorphism import DiGraphMatcher
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from sparsify.sites import (
-    AttentionSite,
-    Output,
-    arg,
-    constant,
-    find_fused,
-    layout_name,
-    make_site,
-    node_shape,
-    op_name,
-    scalar_factor,
-    tensor_input,
-    trace_qkv,
-)
+from sparsify.sites.fx import arg, constant, node_shape, op_name, tensor_input
+from sparsify.sites.operands import scalar_factor, trace_qkv
+from sparsify.sites.records import AttentionSite, Output, layout_name, make_site
 
 _PRODUCTS = {"matmul", "bmm", "einsum"}
 _CONTRACTED = {"cast", "contiguous", "clone", "alias", "detach", "view", "lift_fresh_copy"}
@@ -301,12 +290,3 @@ def find_unfused(module: GraphModule) -> Iterator[AttentionSite]:
         site = _site(chain, view, module)
         if site is not None:
             yield site
-
-
-def find_sites(module: GraphModule) -> list[AttentionSite]:
-    """Every attention site of a captured graph, in graph order, numbered from 0."""
-    order = {node: i for i, node in enumerate(module.graph.nodes)}
-    sites = sorted([*find_fused(module), *find_unfused(module)], key=lambda s: order[s.anchor])
-    for i, site in enumerate(sites):
-        site.index = i
-    return sites
