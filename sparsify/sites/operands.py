@@ -3,7 +3,7 @@
 From the tensor an attention op consumed, the walk steps back through layout ops
 (transpose/permute/casts/no-op expands), merges of (B, H) into one dimension, GQA head repeats
 (so k/v keep their Hkv heads) and, for q and k, multiplications by constants (folded into the
-site's scale).
+site's scale). `scalar_factor` and `state_factor` read the scalings of the scores.
 """
 
 from __future__ import annotations
@@ -78,6 +78,35 @@ def scalar_factor(node: Node) -> tuple[Node, float] | None:
     if node_shape(a) is None or value is None or value == 0:
         return None
     return a, value if name == "mul" else 1.0 / value
+
+
+_STATE_VIEWS = {"view", "unsqueeze", "squeeze", "expand", "flatten"}
+
+
+def _state(value: object) -> Node | None:
+    """The parameter or buffer (`get_attr` node) `value` is, through casts and views."""
+    node = value
+    while isinstance(node, Node) and node.op in ("call_function", "call_method"):
+        if op_name(node) not in _PASS_THROUGH | _STATE_VIEWS or tensor_input(node) is None:
+            return None
+        node = tensor_input(node)
+    return node if isinstance(node, Node) and node.op == "get_attr" else None
+
+
+def state_factor(node: Node) -> tuple[Node, Node, int] | None:
+    """(tensor, factor, exponent) when node is tensor·factor (1) or tensor/factor (-1) with a
+    factor that is a parameter or buffer (through casts and views): a learned temperature."""
+    name = op_name(node)
+    if name not in ("mul", "div") or len(node.args) < 2:
+        return None
+    a, b = node.args[:2]
+    if name == "mul" and _state(b) is None:
+        a, b = b, a
+    if not isinstance(a, Node) or node_shape(a) is None or _state(a) is not None:
+        return None
+    if _state(b) is None or node_shape(b) is None:
+        return None
+    return a, b, 1 if name == "mul" else -1
 
 
 def trace_operand(

@@ -55,9 +55,21 @@ class Output:
     merged_heads: bool = False
 
 
+@dataclass(frozen=True)
+class ScaleFactor:
+    """A factor on the scores read from the model's state (a learned temperature): `node`, a
+    parameter or buffer, multiplies (exponent 1) or divides (-1) q·kᵀ; `per_head`: one value
+    per query head (shape [H, 1, 1] against the [B, H, Lq, Lk] scores), else a single value."""
+
+    node: Node
+    exponent: int
+    per_head: bool
+
+
 @dataclass
 class AttentionSite:
-    """One attention op, normalised. `scale` multiplies q·kᵀ (None: the op's 1/√D default)."""
+    """One attention op, normalised. `scale` multiplies q·kᵀ (None: the op's 1/√D default), and
+    so does each of `scale_factors` (values the model holds as state, read at run time)."""
 
     index: int
     form: str  # "sdpa", "sdpa_post_dispatch", "flex", "flash_attn", "unfused"
@@ -75,6 +87,7 @@ class AttentionSite:
     module_path: str | None = None
     layer: int | None = None
     unsupported: str | None = None  # why no pattern can take this site
+    scale_factors: tuple[ScaleFactor, ...] = ()
 
     @property
     def q_shape(self) -> tuple[int, ...] | None:
