@@ -74,6 +74,8 @@ _ALIASES = {
     "feature_dropout": "dropout",
     "swapaxes": "transpose",
     "swapdims": "transpose",
+    "concat": "cat",
+    "concatenate": "cat",
 }
 
 
