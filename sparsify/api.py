@@ -28,10 +28,11 @@ from torch.fx import GraphModule
 from codegen.api import BACKENDS
 from patterns import Pattern, VideoGeometry
 from runtime import AttentionRuntime, CausalWanModel, FullSequenceAttention, StatefulRunner
-from sparsify.capture import CAPTURE_METHODS, capture, runtime_inputs
+from sparsify.capture import CAPTURE_METHODS
 from sparsify.classify import SELF, Verdict, classify, keep_reason
 from sparsify.defaults import default_geometry
 from sparsify.frames import VideoGrid, check_geometry, video_grid
+from sparsify.inputs import capture_inputs, graph_inputs, input_name
 from sparsify.ops import bind
 from sparsify.plan import KEPT, REWRITTEN, Plan, PlanRow
 from sparsify.rewrite import rebind, rewrite
@@ -66,8 +67,11 @@ class SparsifiedModule(nn.Module):
         plan: Plan,
         attention: AttentionRuntime | nn.ModuleList,
         site_ids: Mapping[int, int],
+        constants: Mapping[int | str, tuple[str, int]] | None = None,
     ):
         super().__init__()
+        # int inputs specialised into the graph: position or keyword → (name, value)
+        self.constants = dict(constants or {})
         self.graph_module = graph_module
         self.plan = plan
         self.site_ids = dict(site_ids)  # plan row (site index) → id bound in sparsify.ops
@@ -111,7 +115,7 @@ class SparsifiedModule(nn.Module):
         return self.runtime.current_kv_bytes
 
     def _chunk(self, x: Tensor, timestep: Tensor, context: Tensor, start_frame: int) -> Tensor:
-        args, _ = runtime_inputs((x, timestep, context, start_frame), {})
+        args, _ = graph_inputs((x, timestep, context, start_frame), {}, self.constants)
         return self.graph_module(*args)
 
     def reset(
@@ -134,7 +138,7 @@ class SparsifiedModule(nn.Module):
         (the `ChunkRunner` protocol). Full-sequence mode: the original model's arguments."""
         if self.mode == "cached":
             return self.runner(*args, **kwargs)
-        args, kwargs = runtime_inputs(args, kwargs)
+        args, kwargs = graph_inputs(args, kwargs, self.constants)
         return self.graph_module(*args, **kwargs)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
@@ -312,7 +316,10 @@ def sparsify(
     if mode == "cached":
         pattern.check_geometry(geometry)
 
-    captured = capture(model, args, kwargs, tuple(options.get("capture_methods", CAPTURE_METHODS)))
+    methods = tuple(options.get("capture_methods", CAPTURE_METHODS))
+    # start_frame stays a runtime input: one graph serves every chunk of a rollout.
+    captured = capture_inputs(model, args, kwargs, methods, (3,) if mode == "cached" else ())
+    constants = {k: (input_name(model, k), v) for k, v in captured.constants.items()}
     graph_module = captured.graph_module
     sites = find_sites(graph_module)
     if not sites:
@@ -338,8 +345,11 @@ def sparsify(
     rows = _plan_rows(
         sites, verdicts, reasons, mode, geometry, _backend_label(backend, args, kwargs)
     )
-    plan = Plan(rows, captured.method, mode, str(pattern), str(geometry), captured.failures)
-    module = SparsifiedModule(graph_module, plan, attention, site_ids)
+    plan = Plan(
+        rows, captured.method, mode, str(pattern), str(geometry), captured.failures,
+        dict(constants.values()),
+    )  # fmt: skip
+    module = SparsifiedModule(graph_module, plan, attention, site_ids, constants)
     if mode == "cached":
         module.cuda_graphs = cuda_graphs
     return module

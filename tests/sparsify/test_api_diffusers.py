@@ -97,3 +97,18 @@ def test_geometry_that_is_not_the_models_frame_size_is_an_error(wan):
     geometry = VideoGeometry(tokens_per_frame=8, frames_per_chunk=1, page_size=16, q_block=16)
     with pytest.raises(ValueError, match="geometry: tokens_per_frame=8.*4x4 = 16"):
         sparsify(model, inputs, Dense(), geometry, mode="full_sequence")
+
+
+@pytest.mark.parametrize(
+    "name, shape, message",
+    [
+        ("hidden_states", (1, 4, 8, 8), r"hidden_states is float32\[1, 4, 8, 8\]; expected \[B, 4"),
+        ("hidden_states", (1, 4, 3, 8, 7), r"hidden_states .*multiples of the patch \(1, 2, 2\)"),
+        ("encoder_hidden_states", (1, 5, 16), r"encoder_hidden_states .*expected \[B, L, 32\]"),
+    ],
+)
+def test_wrong_shaped_inputs_are_named(wan, name, shape, message):
+    model, _, inputs, _ = wan
+    inputs = {**inputs, name: torch.randn(shape)}
+    with pytest.raises(ValueError, match=f"example_inputs: {message}"):
+        sparsify(model, inputs, Dense(), GEOMETRY, mode="full_sequence")
