@@ -66,12 +66,17 @@ def _upcast(src: Node, node: Node) -> bool:
     )
 
 
+def _mul_or_div(node: Node) -> tuple[str, object, object] | None:
+    """("mul" | "div", a, b) for a·b and a/b."""
+    name = op_name(node)
+    return (name, *node.args[:2]) if name in ("mul", "div") and len(node.args) >= 2 else None
+
+
 def scalar_factor(node: Node) -> tuple[Node, float] | None:
     """(tensor, c) when node is tensor·c or tensor/c with a constant c."""
-    name = op_name(node)
-    if name not in ("mul", "div") or len(node.args) < 2:
+    if (parts := _mul_or_div(node)) is None:
         return None
-    a, b = node.args[:2]
+    name, a, b = parts
     if name == "mul" and node_shape(a) is None:
         a, b = b, a
     value = constant(b)
@@ -96,10 +101,9 @@ def _state(value: object) -> Node | None:
 def state_factor(node: Node) -> tuple[Node, Node, int] | None:
     """(tensor, factor, exponent) when node is tensor·factor (1) or tensor/factor (-1) with a
     factor that is a parameter or buffer (through casts and views): a learned temperature."""
-    name = op_name(node)
-    if name not in ("mul", "div") or len(node.args) < 2:
+    if (parts := _mul_or_div(node)) is None:
         return None
-    a, b = node.args[:2]
+    name, a, b = parts
     if name == "mul" and _state(b) is None:
         a, b = b, a
     if not isinstance(a, Node) or node_shape(a) is None or _state(a) is not None:
