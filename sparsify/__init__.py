@@ -15,7 +15,7 @@ _EXPORTS = {
     "Plan": "sparsify.plan",
     "PlanRow": "sparsify.plan",
     "AttentionSite": "sparsify.sites",
-    "find_sites": "sparsify.matching",
+    "find_sites": "sparsify.sites",
     "capture": "sparsify.capture",
     "Capture": "sparsify.capture",
     "CaptureError": "sparsify.capture",

@@ -28,17 +28,21 @@ from torch.fx import GraphModule
 from codegen.api import BACKENDS
 from patterns import Pattern, VideoGeometry
 from runtime import AttentionRuntime, CausalWanModel, FullSequenceAttention, StatefulRunner
-from sparsify.capture import CAPTURE_METHODS, capture, runtime_inputs
+from sparsify.capture import CAPTURE_METHODS
 from sparsify.classify import SELF, Verdict, classify, keep_reason
 from sparsify.defaults import default_geometry
-from sparsify.matching import find_sites
+from sparsify.frames import VideoGrid, check_geometry, video_grid
+from sparsify.inputs import capture_inputs, graph_inputs, input_name
 from sparsify.ops import bind
 from sparsify.plan import KEPT, REWRITTEN, Plan, PlanRow
 from sparsify.rewrite import rebind, rewrite
-from sparsify.sites import AttentionSite
+from sparsify.sites import AttentionSite, find_sites
+from sparsify.spans import joint_reason
 
 MODES = ("cached", "full_sequence")
-OPTIONS = ("mode", "page_size", "q_block", "debug", "capture_methods", "cuda_graphs")
+OPTIONS = (
+    "mode", "page_size", "q_block", "debug", "capture_methods", "cuda_graphs", "allow_dense",
+)  # fmt: skip
 FORMS = (
     "scaled_dot_product_attention (any spelling)",
     "flex_attention",
@@ -63,8 +67,11 @@ class SparsifiedModule(nn.Module):
         plan: Plan,
         attention: AttentionRuntime | nn.ModuleList,
         site_ids: Mapping[int, int],
+        constants: Mapping[int | str, tuple[str, int]] | None = None,
     ):
         super().__init__()
+        # int inputs specialised into the graph: position or keyword → (name, value)
+        self.constants = dict(constants or {})
         self.graph_module = graph_module
         self.plan = plan
         self.site_ids = dict(site_ids)  # plan row (site index) → id bound in sparsify.ops
@@ -86,14 +93,18 @@ class SparsifiedModule(nn.Module):
 
     @property
     def cuda_graphs(self) -> bool:
-        """Whether passes on CUDA replay as CUDA graphs (cached mode; see `runtime.graphs`)."""
-        return self.runner.cuda_graphs
+        """Whether passes on CUDA replay as CUDA graphs (cached mode; see `runtime.graphs`).
+        Always False in full-sequence mode, which runs every call eagerly."""
+        return self.runner.cuda_graphs if self.mode == "cached" else False
 
     @cuda_graphs.setter
     def cuda_graphs(self, value: bool) -> None:
         if not isinstance(value, bool):
             raise TypeError(f"cuda_graphs: expected a bool, got {type(value).__name__}")
-        self.runner.cuda_graphs = value
+        if self.mode == "cached":
+            self.runner.cuda_graphs = value
+        elif value:
+            raise ValueError("cuda_graphs: full_sequence mode does not replay CUDA graphs")
 
     @property
     def max_frames(self) -> int | None:
@@ -110,7 +121,7 @@ class SparsifiedModule(nn.Module):
         return self.runtime.current_kv_bytes
 
     def _chunk(self, x: Tensor, timestep: Tensor, context: Tensor, start_frame: int) -> Tensor:
-        args, _ = runtime_inputs((x, timestep, context, start_frame), {})
+        args, _ = graph_inputs((x, timestep, context, start_frame), {}, self.constants)
         return self.graph_module(*args)
 
     def reset(
@@ -133,7 +144,7 @@ class SparsifiedModule(nn.Module):
         (the `ChunkRunner` protocol). Full-sequence mode: the original model's arguments."""
         if self.mode == "cached":
             return self.runner(*args, **kwargs)
-        args, kwargs = runtime_inputs(args, kwargs)
+        args, kwargs = graph_inputs(args, kwargs, self.constants)
         return self.graph_module(*args, **kwargs)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
@@ -203,7 +214,9 @@ def _geometry(model: nn.Module, geometry: VideoGeometry | None, options: dict) -
     )
 
 
-def _mode_reason(site: AttentionSite, geometry: VideoGeometry, mode: str) -> str | None:
+def _mode_reason(
+    site: AttentionSite, geometry: VideoGeometry, mode: str, grid: VideoGrid | None
+) -> str | None:
     length = site.q_shape[1]
     if mode == "cached" and length != geometry.chunk_tokens:
         return (
@@ -212,6 +225,8 @@ def _mode_reason(site: AttentionSite, geometry: VideoGeometry, mode: str) -> str
         )
     if mode == "full_sequence" and length % geometry.tokens_per_frame:
         return f"{length} tokens are not whole frames of {geometry.tokens_per_frame} tokens"
+    if mode == "full_sequence" and grid is not None and length != grid.tokens:
+        return f"{length} tokens, but the video has {grid}: the sequence is not only the video"
     return None
 
 
@@ -220,17 +235,16 @@ def _heads(site: AttentionSite) -> tuple[int, int, int]:
 
 
 def _decide(
-    sites: list[AttentionSite],
-    verdicts: dict[int, Verdict],
-    geometry: VideoGeometry,
-    mode: str,
-) -> dict[int, str | None]:
+    sites: list[AttentionSite], verdicts: dict[int, Verdict], graph_module: GraphModule,
+    geometry: VideoGeometry, mode: str, grid: VideoGrid | None,
+) -> dict[int, str | None]:  # fmt: skip
     """site index → reason to keep it dense, or None to rewrite it."""
     reasons: dict[int, str | None] = {}
     shared: tuple[int, int, int] | None = None
     for site in sites:
         reason = keep_reason(site, verdicts.get(site.index))
-        reason = reason or _mode_reason(site, geometry, mode)
+        reason = reason or joint_reason(site, sites, graph_module)
+        reason = reason or _mode_reason(site, geometry, mode, grid)
         if reason is None and mode == "cached":
             # One page pool serves every layer, so they must agree on heads and head_dim.
             shared = shared or _heads(site)
@@ -261,15 +275,19 @@ def sparsify(
         geometry is derived from the model; default `sparsify.defaults.default_geometry`'s),
         ``debug`` (validate block tables), ``cuda_graphs`` (cached mode on CUDA: replay
         passes as CUDA graphs, default True; see `runtime.graphs`),
-        ``capture_methods`` (subset of `sparsify.capture.CAPTURE_METHODS`, in order).
+        ``capture_methods`` (subset of `sparsify.capture.CAPTURE_METHODS`, in order),
+        ``allow_dense`` (full-sequence mode: return a module even when no site can be
+        rewritten, default False).
 
     The graph is specialised to the example inputs' shapes, dtype and device (batch size,
     frames per call, text length): capture with the inputs you will run. Ints stay runtime
     inputs, so one graph serves every chunk of a rollout.
 
-    Raises TypeError/ValueError for bad arguments, `CaptureError` when no capture path works
-    and ValueError when the graph has no attention at all (or, in cached mode, no rewritable
-    self-attention).
+    Raises TypeError/ValueError for bad arguments, ValueError naming `geometry` when it does
+    not match the frames the model shows (its patch embedding's output grid, or its config's
+    patch size), `CaptureError` when no capture path works and ValueError when the graph has
+    no attention at all or no site can be rewritten (listing each site's reason; in
+    full-sequence mode ``allow_dense=True`` accepts that).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -289,6 +307,11 @@ def sparsify(
     cuda_graphs = options.get("cuda_graphs", True)
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs: expected a bool, got {type(cuda_graphs).__name__}")
+    allow_dense = options.get("allow_dense", False)
+    if not isinstance(allow_dense, bool):
+        raise TypeError(f"allow_dense: expected a bool, got {type(allow_dense).__name__}")
+    if allow_dense and mode == "cached":
+        raise ValueError("allow_dense: cached mode needs every self-attention on the KV cache")
     args, kwargs = _split_inputs(example_inputs)
     if mode == "cached" and (kwargs or len(args) != 4):
         raise ValueError(
@@ -299,7 +322,10 @@ def sparsify(
     if mode == "cached":
         pattern.check_geometry(geometry)
 
-    captured = capture(model, args, kwargs, tuple(options.get("capture_methods", CAPTURE_METHODS)))
+    methods = tuple(options.get("capture_methods", CAPTURE_METHODS))
+    # start_frame stays a runtime input: one graph serves every chunk of a rollout.
+    captured = capture_inputs(model, args, kwargs, methods, (3,) if mode == "cached" else ())
+    constants = {k: (input_name(model, k), v) for k, v in captured.constants.items()}
     graph_module = captured.graph_module
     sites = find_sites(graph_module)
     if not sites:
@@ -307,14 +333,17 @@ def sparsify(
             f"model: no attention found in the graph of {type(model).__name__} (captured by "
             f"{captured.method}); looked for {', '.join(FORMS)}"
         )
+    grid = video_grid(model, graph_module, captured.args, captured.kwargs)
+    check_geometry(grid, geometry, mode)
     verdicts = {s.index: classify(s, sites, graph_module) for s in sites if s.q is not None}
-    reasons = _decide(sites, verdicts, geometry, mode)
+    reasons = _decide(sites, verdicts, graph_module, geometry, mode, grid)
     chosen = [s for s in sites if reasons[s.index] is None]
 
-    if mode == "cached" and not chosen:
+    if not chosen and not allow_dense:
+        hint = "" if mode == "cached" else " (allow_dense=True accepts a module left dense)"
         raise ValueError(
-            "model: no self-attention site can be rewritten; reasons: "
-            + "; ".join(f"site {s.index}: {reasons[s.index]}" for s in sites)
+            f"model: no self-attention site can be rewritten{hint}; reasons: "
+            + "; ".join(f"site {s.index} ({s.module_path}): {reasons[s.index]}" for s in sites)
         )
     limit = model.config.max_frames if isinstance(model, CausalWanModel) else None
     attention, modules = _attention(chosen, mode, pattern, geometry, backend, debug, limit)
@@ -323,8 +352,11 @@ def sparsify(
     rows = _plan_rows(
         sites, verdicts, reasons, mode, geometry, _backend_label(backend, args, kwargs)
     )
-    plan = Plan(rows, captured.method, mode, str(pattern), str(geometry), captured.failures)
-    module = SparsifiedModule(graph_module, plan, attention, site_ids)
+    plan = Plan(
+        rows, captured.method, mode, str(pattern), str(geometry), captured.failures,
+        dict(constants.values()),
+    )  # fmt: skip
+    module = SparsifiedModule(graph_module, plan, attention, site_ids, constants)
     if mode == "cached":
         module.cuda_graphs = cuda_graphs
     return module

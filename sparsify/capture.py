@@ -6,7 +6,8 @@
 3. `torch.fx.symbolic_trace` (Python-level graph; shapes added by fake-tensor propagation).
 
 Python ints among the inputs (e.g. `start_frame`) are turned into 0-dim int64 tensors first,
-so they stay runtime inputs: the graph is captured once and reused for every chunk. Capture
+so they stay runtime inputs: the graph is captured once and reused for every chunk. Ints named
+in `constants` are specialised into the graph instead (for ints the model uses as sizes). Capture
 runs under `torch.no_grad()` (the graph serves inference; FlexAttention on CPU needs it).
 Every placeholder and call of the result carries `meta["val"]` (a fake tensor or a Python
 value), which the site finder reads for shapes. The result owns its module and parameter
@@ -21,7 +22,7 @@ import copy
 import inspect
 import itertools
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +42,10 @@ class CaptureError(RuntimeError):
 class Capture:
     """A captured forward: call `graph_module(*args, **kwargs)` like the original model.
 
-    `args`/`kwargs` are the example inputs as captured (ints already tensors); `failures`
-    holds `(method, message)` for the paths tried before `method` succeeded.
+    `args`/`kwargs` are the example inputs as captured (ints already tensors, except the
+    `constants`: the positions or keywords of ints specialised into the graph, with their
+    values); `failures` holds `(method, message)` for the paths tried before `method`
+    succeeded.
     """
 
     graph_module: GraphModule
@@ -50,17 +53,34 @@ class Capture:
     args: tuple
     kwargs: dict
     failures: list[tuple[str, str]] = field(default_factory=list)
+    constants: dict[int | str, int] = field(default_factory=dict)
 
 
-def runtime_inputs(args: tuple, kwargs: Mapping[str, Any]) -> tuple[tuple, dict]:
-    """Replace Python ints (not bools) by 0-dim int64 tensors, so they are graph inputs."""
-
-    def convert(value: Any) -> Any:
+def int_inputs(args: tuple, kwargs: Mapping[str, Any]) -> dict[int | str, int]:
+    """The Python ints (not bools) among the inputs, by position or keyword."""
+    found: dict[int | str, int] = {}
+    for key, value in [*enumerate(args), *kwargs.items()]:
         if isinstance(value, int) and not isinstance(value, bool):
+            found[key] = value
+    return found
+
+
+def runtime_inputs(
+    args: tuple, kwargs: Mapping[str, Any], keep: Collection[int | str] = ()
+) -> tuple[tuple, dict]:
+    """Replace Python ints (not bools) by 0-dim int64 tensors, so they are graph inputs; the
+    ints at the positions or keywords in `keep` stay Python constants."""
+    ints = int_inputs(args, kwargs)
+
+    def convert(key: int | str, value: Any) -> Any:
+        if key in ints and key not in keep:
             return torch.tensor(value, dtype=torch.int64)
         return value
 
-    return tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}
+    return (
+        tuple(convert(i, a) for i, a in enumerate(args)),
+        {k: convert(k, v) for k, v in kwargs.items()},
+    )
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> GraphModule:
@@ -134,8 +154,10 @@ def capture(
     args: tuple,
     kwargs: Mapping[str, Any] | None = None,
     methods: tuple[str, ...] = CAPTURE_METHODS,
+    constants: Collection[int | str] = (),
 ) -> Capture:
-    """Capture `model(*args, **kwargs)` by the first of `methods` that works.
+    """Capture `model(*args, **kwargs)` by the first of `methods` that works; the int inputs
+    at the positions or keywords in `constants` are specialised into the graph.
 
     Raises `CaptureError` naming each attempted path and its error when all fail. The model
     is left as it was (same parameters, same modules, same training flag).
@@ -147,7 +169,11 @@ def capture(
         raise ValueError(
             f"methods: expected a non-empty subset of {CAPTURE_METHODS}, got {methods}"
         )
-    args, kwargs = runtime_inputs(tuple(args), dict(kwargs or {}))
+    ints = int_inputs(tuple(args), dict(kwargs or {}))
+    unknown = sorted(map(str, set(constants) - set(ints)))
+    if unknown:
+        raise ValueError(f"constants: {unknown} are not int inputs")
+    args, kwargs = runtime_inputs(tuple(args), dict(kwargs or {}), constants)
     failures: list[tuple[str, str]] = []
     for method in methods:
         try:
@@ -157,7 +183,8 @@ def capture(
             failures.append((method, f"{type(error).__name__}: {_first_lines(error)}"))
             continue
         _own_state(graph_module)
-        return Capture(graph_module, method, args, kwargs, failures)
+        kept = {key: ints[key] for key in constants}
+        return Capture(graph_module, method, args, kwargs, failures, kept)
     report = "\n".join(f"  - {method}: {message}" for method, message in failures)
     raise CaptureError(
         f"could not capture {type(model).__name__}.forward as one graph; attempts:\n{report}"

@@ -18,7 +18,8 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from codegen.spec import HEAD_DIMS
-from sparsify.sites import AttentionSite, node_value, op_name, view_chain, written_input
+from sparsify.sites.fx import node_value, op_name, view_chain, written_input
+from sparsify.sites.records import AttentionSite
 
 SELF, CROSS = "self", "cross"
 
@@ -69,7 +70,7 @@ _METADATA_ONLY = {
 _FIRST_ONLY = {"cast", "expand_as", "view_as", "reshape_as"}  # x.type_as(other), x.to(other)
 
 
-def _writers(module: GraphModule) -> dict[Node, list[Node]]:
+def writers_of(module: GraphModule) -> dict[Node, list[Node]]:
     """tensor → the in-place ops that write into it (directly or through a view of it)."""
     out: dict[Node, list[Node]] = {}
     for node in module.graph.nodes:
@@ -92,7 +93,7 @@ def _data_inputs(node: Node, writers: dict[Node, list[Node]]) -> list[Node]:
     return [*inputs, *writers.get(node, ())]
 
 
-def _ancestors(start: Node, barriers: set[Node], writers: dict[Node, list[Node]]) -> set[Node]:
+def ancestors(start: Node, barriers: set[Node], writers: dict[Node, list[Node]]) -> set[Node]:
     """start and the tensors it is computed from, not looking past `barriers`.
 
     Only tensor values are followed: a shape read (`x.shape[0]` in a view) is not data flow;
@@ -116,10 +117,10 @@ def classify(site: AttentionSite, sites: list[AttentionSite], module: GraphModul
     barriers = {s.output.node for s in sites if s is not site and s.output is not None}
     barriers |= {s.anchor for s in sites if s is not site}
     live = _input_dependent(module)
-    writers = _writers(module)
+    writers = writers_of(module)
     common = live - barriers
     for operand in (site.q, site.k, site.v):
-        common &= _ancestors(operand.node, barriers, writers)
+        common &= ancestors(operand.node, barriers, writers)
     by_flow = SELF if common else CROSS
     by_path = kind_from_path(site.module_path)
     conflict = None

@@ -64,6 +64,7 @@ class Plan:
     pattern: str
     geometry: str
     capture_failures: list[tuple[str, str]] = field(default_factory=list)
+    constants: dict[str, int] = field(default_factory=dict)  # int inputs specialised
 
     @property
     def rewritten(self) -> list[PlanRow]:
@@ -79,7 +80,8 @@ class Plan:
     def __str__(self) -> str:
         header = [
             f"captured by {self.capture}"
-            + "".join(f" (after {m} failed: {msg})" for m, msg in self.capture_failures),
+            + "".join(f" (after {m} failed: {msg})" for m, msg in self.capture_failures)
+            + "".join(f"; {name}={value} specialised" for name, value in self.constants.items()),
             f"mode {self.mode}; pattern {self.pattern}; geometry {self.geometry}",
             f"{len(self.rows)} attention sites: {len(self.rewritten)} rewritten, "
             f"{len(self.kept)} kept",

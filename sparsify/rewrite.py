@@ -1,11 +1,13 @@
 """Rewrite attention sites of a captured graph into `sparse_forcing::pbsa_site` calls.
 
 For each chosen site the pass inserts, before the attention op: q/k/v taken from the tensors
-the model computed (see `sparsify.sites.trace_operand`), cast to the dtype the op consumed and
-permuted to BLHD — k/v keep their Hkv heads, GQA is not expanded — and q multiplied by
-scale·√D when the site's softmax scale is not the kernel's default 1/√D; then the op call;
-then the result brought back to the layout, (B·H merge,) and dtype of the site's output, whose
-uses it takes over. The attention op and whatever only it used become dead code and are removed.
+the model computed (see `sparsify.sites.operands.trace_operand`), cast to the dtype the op
+consumed and permuted to BLHD — k/v keep their Hkv heads, GQA is not expanded — and q multiplied by
+scale·√D when the site's softmax scale is not the kernel's default 1/√D, and by each learned
+factor of the scores (a 0-dim or per-head parameter or buffer, reshaped to [1, 1, H, 1]); then
+the op call; then the result brought back to the layout, (B·H merge,) and dtype of the site's
+output, whose uses it takes over. The attention op and whatever only it used become dead code
+and are removed.
 """
 
 from __future__ import annotations
@@ -19,15 +21,9 @@ import torch._functorch.predispatch as predispatch
 from torch.fx import Graph, GraphModule, Node
 
 from sparsify.ops import PBSA_SITE
-from sparsify.sites import (
-    BLHD_TO_BHLD,
-    AttentionSite,
-    Operand,
-    compose_perm,
-    node_dtype,
-    op_name,
-    written_input,
-)
+from sparsify.sites.fx import node_dtype, op_name, written_input
+from sparsify.sites.operands import compose_perm
+from sparsify.sites.records import BLHD_TO_BHLD, AttentionSite, Operand
 
 aten = torch.ops.aten
 
@@ -73,6 +69,12 @@ def _rewrite_site(graph: Graph, site: AttentionSite, site_id: int) -> None:
     factor = site.effective_scale() * math.sqrt(site.head_dim)
     if not math.isclose(factor, 1.0, rel_tol=1e-12):
         q = build.call(aten.mul.Tensor, (q, factor))
+    for learned in site.scale_factors:
+        # Read at run time, so that a trained or reloaded temperature is honoured.
+        shape = [1, 1, site.q_shape[2], 1] if learned.per_head else []
+        t = build.cast(learned.node, site.q.dtype, node_dtype(learned.node))
+        t = build.call(aten.reshape.default, (t, shape))
+        q = build.call(aten.mul.Tensor if learned.exponent > 0 else aten.div.Tensor, (q, t))
     out = build.call(PBSA_SITE, (q, k, v, site_id))  # [B, Lq, H, Dv]
     if site.output.merged_heads:
         b, lq, h, dv = (*site.q_shape[:3], site.v_shape[3])

@@ -17,9 +17,9 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from sparsify.capture import capture
 from sparsify.classify import classify, keep_reason
-from sparsify.matching import find_sites
 from sparsify.ops import bind
 from sparsify.rewrite import rewrite
+from sparsify.sites import find_sites
 
 
 def _bhld(*ts: Tensor) -> list[Tensor]:

@@ -154,8 +154,10 @@ def test_dense_mask_leaves_every_self_site_dense_in_full_sequence_mode():
     model = _model()
     (x, timestep, context, _), _ = _inputs()
     mask = torch.rand(192, 192) > 0.5
+    with pytest.raises(ValueError, match="(?s)no self-attention site can be rewritten.*attn_mask"):
+        sparsify(model, (x, timestep, context, 0, mask), Dense(), mode="full_sequence")
     module = sparsify(
-        model, (x, timestep, context, 0, mask), Dense(), mode="full_sequence"
+        model, (x, timestep, context, 0, mask), Dense(), mode="full_sequence", allow_dense=True
     )  # fmt: skip
     assert module.plan.rewritten == []
     assert all("attn_mask" in r.reason for r in module.plan.rows if r.kind == "self")
@@ -169,8 +171,13 @@ def test_dense_mask_leaves_every_self_site_dense_in_full_sequence_mode():
 
 def test_geometry_mismatch_is_an_error_in_cached_mode():
     inputs, _ = _inputs()
-    with pytest.raises(ValueError, match="no self-attention site can be rewritten.*geometry"):
+    with pytest.raises(ValueError, match="geometry: tokens_per_frame=32.*8x8 = 64"):
         sparsify(_model(), inputs, Dense(), geometry=VideoGeometry(32, 3))
+    # 32 tokens x 6 frames is one chunk of 192 tokens too, but not the model's frames.
+    with pytest.raises(ValueError, match="geometry: tokens_per_frame=32"):
+        sparsify(_model(), inputs, Dense(), geometry=VideoGeometry(32, 6))
+    with pytest.raises(ValueError, match="geometry: frames_per_chunk=1"):
+        sparsify(_model(), inputs, Dense(), geometry=VideoGeometry(64, 1))
 
 
 class NoAttention(nn.Module):

@@ -89,3 +89,26 @@ def test_original_model_untouched(wan):
     assert not {id(p) for p in model.parameters()} & {id(p) for p in module.parameters()}
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], expected)
+
+
+def test_geometry_that_is_not_the_models_frame_size_is_an_error(wan):
+    model, _, inputs, _ = wan
+    # 8 divides the 48 tokens, but 8x8 latents in 2x2 patches are frames of 16 tokens.
+    geometry = VideoGeometry(tokens_per_frame=8, frames_per_chunk=1, page_size=16, q_block=16)
+    with pytest.raises(ValueError, match="geometry: tokens_per_frame=8.*4x4 = 16"):
+        sparsify(model, inputs, Dense(), geometry, mode="full_sequence")
+
+
+@pytest.mark.parametrize(
+    "name, shape, message",
+    [
+        ("hidden_states", (1, 4, 8, 8), r"hidden_states is float32\[1, 4, 8, 8\]; expected \[B, 4"),
+        ("hidden_states", (1, 4, 3, 8, 7), r"hidden_states .*multiples of the patch \(1, 2, 2\)"),
+        ("encoder_hidden_states", (1, 5, 16), r"encoder_hidden_states .*expected \[B, L, 32\]"),
+    ],
+)
+def test_wrong_shaped_inputs_are_named(wan, name, shape, message):
+    model, _, inputs, _ = wan
+    inputs = {**inputs, name: torch.randn(shape)}
+    with pytest.raises(ValueError, match=f"example_inputs: {message}"):
+        sparsify(model, inputs, Dense(), GEOMETRY, mode="full_sequence")

@@ -9,7 +9,7 @@ from torch import nn
 
 from sparsify.capture import capture
 from sparsify.classify import CROSS, SELF, classify, keep_reason, kind_from_path
-from sparsify.matching import find_sites
+from sparsify.sites import find_sites
 
 
 @pytest.mark.parametrize(

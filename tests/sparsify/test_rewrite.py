@@ -10,9 +10,9 @@ from torch import nn
 from torch.fx import Graph, GraphModule
 
 from sparsify.capture import capture
-from sparsify.matching import find_sites
 from sparsify.ops import PBSA_SITE, bind
 from sparsify.rewrite import remove_dead_code, rewrite
+from sparsify.sites import find_sites
 
 
 def test_only_chosen_sites_are_rewritten(two_stream, inputs, oracle):

@@ -14,10 +14,11 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from sparsify.capture import capture
-from sparsify.matching import find_sites
 from sparsify.ops import bind
 from sparsify.rewrite import rewrite
-from sparsify.sites import layout_name, module_path
+from sparsify.sites import find_sites
+from sparsify.sites.fx import module_path
+from sparsify.sites.records import layout_name
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 

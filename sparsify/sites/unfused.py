@@ -11,12 +11,13 @@ are matched against it with VF2 (`networkx.algorithms.isomorphism.DiGraphMatcher
 spelling whose ops reduce to those kinds matches. Each match is then read through the
 products' einsum equations (a matmul/bmm is `…xy,…yz->…xz`) to find which operand is q, k and
 v and how each is laid out. `find_sites` combines these with the fused forms of
-`sparsify.sites`.
+`sparsify.sites.fused` (`sparsify.sites.find`).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,22 +26,11 @@ from networkx.algorithms.isomorphism import DiGraphMatcher
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from sparsify.sites import (
-    AttentionSite,
-    Output,
-    arg,
-    constant,
-    find_fused,
-    layout_name,
-    make_site,
-    node_shape,
-    op_name,
-    scalar_factor,
-    tensor_input,
-    trace_qkv,
-)
+from sparsify.sites.fx import arg, constant, node_shape, op_name, tensor_input
+from sparsify.sites.operands import scalar_factor, state_factor, trace_qkv
+from sparsify.sites.records import AttentionSite, Output, ScaleFactor, layout_name, make_site
 
-_PRODUCTS = {"matmul", "bmm", "einsum"}
+_PRODUCTS = {"matmul", "bmm", "einsum", "baddbmm"}
 _CONTRACTED = {"cast", "contiguous", "clone", "alias", "detach", "view", "lift_fresh_copy"}
 _MASKS = {"add", "masked_fill"}
 
@@ -72,7 +62,7 @@ def _kind(node: Node, module: GraphModule) -> str | None:
         return "dropout"
     if name in _MASKS:
         return "mask"
-    if scalar_factor(node) is not None:
+    if scalar_factor(node) is not None or state_factor(node) is not None:
         return "scale"
     if name in _CONTRACTED or (
         name == "expand" and node_shape(node) == node_shape(tensor_input(node))
@@ -82,8 +72,12 @@ def _kind(node: Node, module: GraphModule) -> str | None:
 
 
 def _tensor_operands(node: Node, module: GraphModule) -> list[Node]:
-    """Tensor operands in order; einsum's operands may come as a list or as varargs."""
-    if op_name(node, module) == "einsum":
+    """Tensor operands in order; einsum's operands may come as a list or as varargs; baddbmm's
+    are its two batches (its `input` is a bias, read by `_baddbmm_terms`)."""
+    name = op_name(node, module)
+    if name == "baddbmm":
+        return [a for a in node.args[1:3] if isinstance(a, Node)]
+    if name == "einsum":
         rest = node.args[1:]
         if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
             rest = rest[0]
@@ -252,22 +246,70 @@ def _dropout_p(node: Node, module: GraphModule) -> float:
     return (float("nan") if p is None else p) if train else 0.0
 
 
-def _site(chain: list[Node], view: GraphView, module: GraphModule) -> AttentionSite | None:
+def _baddbmm_terms(node: Node) -> tuple[float | None, Node | None]:
+    """(alpha, the bias when beta is not 0) of a baddbmm: beta·input + alpha·(batch1 @ batch2)."""
+    alpha, beta = constant(node.kwargs.get("alpha", 1)), constant(node.kwargs.get("beta", 1))
+    return alpha, node.args[0] if beta != 0.0 else None
+
+
+def _scale_factor(node: Node, q_shape: tuple[int, ...]) -> ScaleFactor | str:
+    """The learned factor of a "scale" node that is not a constant, or why it cannot be one."""
+    _, factor, exponent = state_factor(node)
+    shape, scores = node_shape(factor), node_shape(node)
+    if math.prod(shape) == 1:
+        return ScaleFactor(factor, exponent, per_head=False)
+    b, _, h, _ = q_shape
+    aligned = (1,) * (len(scores) - len(shape)) + shape
+    per_head = (
+        len(scores) == 4
+        and len(shape) <= 4
+        and scores[:2] == (b, h)
+        and aligned[:2] == (1, h)
+        and aligned[2:] == (1, 1)
+    )
+    if per_head:
+        return ScaleFactor(factor, exponent, per_head=True)
+    return (
+        f"the scores are scaled by a learned factor {factor.name} of shape {list(shape)}, "
+        f"which is neither one value nor one per head of the {list(scores)} scores"
+    )
+
+
+def _unread(chain: list[Node], softmax: Node, why: str) -> AttentionSite:
+    """A matched chain that cannot be rewritten: a plan row with the reason."""
+    return make_site(
+        "unfused", chain[-1], "?", f"softmax {softmax.name} between matrix products: {why}", None
+    )
+
+
+def _site(chain: list[Node], view: GraphView, module: GraphModule) -> AttentionSite:
     qk, pv = chain[0], chain[-1]
     kinds = [view.graph.nodes[n]["kind"] for n in chain]
     softmax = chain[kinds.index("softmax")]
     if not _softmax_dim_ok(softmax, module):
-        return None
+        return _unread(chain, softmax, "the softmax is not over the last dimension")
+    if op_name(pv, module) == "baddbmm":
+        return _unread(
+            chain, softmax, "the value product is a baddbmm (it adds a bias to the output)"
+        )
     read_qk = _read_qk(qk, module)
     read_pv = _read_pv(pv, chain[-2], view, module)
     if read_qk is None or read_pv is None:
-        return None
+        which = "score (q·kᵀ)" if read_qk is None else "value (p·v)"
+        return _unread(chain, softmax, f"the {which} product does not read as attention")
     q, k, perm_q, perm_k = read_qk
     v, perm_v, output = read_pv
     scale, mask, dropout = 1.0, None, 0.0
+    if op_name(qk, module) == "baddbmm":
+        alpha, mask = _baddbmm_terms(qk)
+        scale = float("nan") if alpha is None else alpha
+    learned = []
     for node, kind in zip(chain[1:-1], kinds[1:-1], strict=True):
         if kind == "scale":
-            scale *= scalar_factor(node)[1]
+            if scalar_factor(node) is not None:
+                scale *= scalar_factor(node)[1]
+            else:
+                learned.append(node)
         elif kind == "mask":
             if op_name(node) == "masked_fill":
                 mask = arg(node, 1, "mask")
@@ -278,35 +320,100 @@ def _site(chain: list[Node], view: GraphView, module: GraphModule) -> AttentionS
     leaks = [
         n.name for n, nxt in zip(chain, chain[1:], strict=False) if _consumers(n, view) != {nxt}
     ]
-    operands = trace_qkv(q, k, v, (perm_q, perm_k, perm_v))
-    if not isinstance(operands, str):
-        qs, ks, vs = (o.blhd_shape() for o in operands[0])
-        if qs[0] != ks[0] or qs[3] != ks[3] or ks[:3] != vs[:3]:
-            operands = f"inconsistent q/k/v shapes {qs}, {ks}, {vs}"
     unsupported = (
         f"intermediate attention values ({', '.join(leaks)}) are used outside the attention"
         if leaks
         else None
     )
+    operands = trace_qkv(q, k, v, (perm_q, perm_k, perm_v))
+    factors: list[ScaleFactor] = []
+    if not isinstance(operands, str):
+        qs, ks, vs = (o.blhd_shape() for o in operands[0])
+        if qs[0] != ks[0] or qs[3] != ks[3] or ks[:3] != vs[:3]:
+            operands = f"inconsistent q/k/v shapes {qs}, {ks}, {vs}"
+        else:
+            for node in learned:
+                factor = _scale_factor(node, qs)
+                if isinstance(factor, str):
+                    unsupported = unsupported or factor
+                else:
+                    factors.append(factor)
     return make_site(
         "unfused", pv, layout_name(perm_q), operands, output,
         scale=scale, mask=mask, dropout=dropout, unsupported=unsupported,
+        scale_factors=tuple(factors),
     )  # fmt: skip
 
 
+_NEAR = 6  # ops between a softmax and the products around it, for it to look like attention
+
+
+def _near_product(start: Node, module: GraphModule, forward: bool) -> Node | None:
+    """A matrix product within `_NEAR` ops of `start` (its inputs, or with `forward` its users)."""
+    frontier, seen = [start], {start}
+    for _ in range(_NEAR):
+        step = []
+        for node in frontier:
+            for nxt in node.users if forward else node.all_input_nodes:
+                if nxt in seen:
+                    continue
+                seen.add(nxt)
+                if nxt.op in ("call_function", "call_method") and op_name(nxt) in _PRODUCTS:
+                    return nxt
+                step.append(nxt)
+        frontier = step
+    return None
+
+
+def _unmatched(module: GraphModule, view: GraphView, matched: set[Node]) -> Iterator[AttentionSite]:
+    """Softmaxes that sit between two matrix products but matched no pattern: plan rows that
+    name the ops which broke the match."""
+    for node in module.graph.nodes:
+        if node in matched or _kind(node, module) != "softmax":
+            continue
+        before = _near_product(node, module, forward=False)
+        after = _near_product(node, module, forward=True)
+        if before is None or after is None:
+            continue
+        between = [
+            op_name(n, module)
+            for n in (*_path(before, node), *_path(node, after))
+            if view.representative.get(n, n) is n and _kind(n, module) is None
+        ]
+        found = f"{', '.join(dict.fromkeys(between))}" if between else "their layout"
+        why = (
+            f"looks like attention ({before.name} → softmax {node.name} → {after.name}) but is "
+            f"not matched: the scores pass through {found}, which is not a constant scale, a "
+            "learned temperature, a mask or a cast"
+        )
+        yield make_site("unfused", node, "?", why, None)
+
+
+def _path(start: Node, end: Node) -> list[Node]:
+    """The nodes strictly between start and end on one shortest data path."""
+    parents: dict[Node, Node | None] = {start: None}
+    frontier = [start]
+    while frontier and end not in parents:
+        step = []
+        for node in frontier:
+            for user in node.users:
+                if user not in parents:
+                    parents[user] = node
+                    step.append(user)
+        frontier = step
+    out, node = [], parents.get(end)
+    while node is not None and node is not start:
+        out.append(node)
+        node = parents[node]
+    return out[::-1]
+
+
 def find_unfused(module: GraphModule) -> Iterator[AttentionSite]:
-    """Sites of the unfused form softmax(q·kᵀ·scale [+ mask]) · v."""
+    """Sites of the unfused form softmax(q·kᵀ·scale [+ mask]) · v, and a site with the reason
+    for every softmax between matrix products that cannot be rewritten."""
     view = graph_view(module)
+    matched: set[Node] = set()
     for chain in match_chains(view):
-        site = _site(chain, view, module)
-        if site is not None:
-            yield site
-
-
-def find_sites(module: GraphModule) -> list[AttentionSite]:
-    """Every attention site of a captured graph, in graph order, numbered from 0."""
-    order = {node: i for i, node in enumerate(module.graph.nodes)}
-    sites = sorted([*find_fused(module), *find_unfused(module)], key=lambda s: order[s.anchor])
-    for i, site in enumerate(sites):
-        site.index = i
-    return sites
+        matched.update(chain)
+        yield _site(chain, view, module)
+    yield from _unmatched(module, view, matched)
