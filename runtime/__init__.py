@@ -2,6 +2,7 @@
 
 from runtime.attention_runtime import AttentionRuntime, StatefulRunner, bind_reference_model
 from runtime.attention_state import AttentionState
+from runtime.checkpoints import CheckpointError, load_causal_wan
 from runtime.eager import EagerRunner, GlobalCache, RollingCache, self_forcing_cache
 from runtime.full_sequence import FullSequenceAttention
 from runtime.model import CausalWanModel
@@ -12,6 +13,7 @@ from runtime.rollout import ChunkRunner, SelfForcingSchedule, generate
 __all__ = [
     "AttentionRuntime",
     "AttentionState",
+    "CheckpointError",
     "FullSequenceAttention",
     "PagePool",
     "StatefulRunner",
@@ -24,6 +26,7 @@ __all__ = [
     "SelfForcingSchedule",
     "WanConfig",
     "generate",
+    "load_causal_wan",
     "self_forcing_cache",
     "wan_parameter_count",
 ]
