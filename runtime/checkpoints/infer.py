@@ -134,7 +134,7 @@ def _merge(sources: list[tuple[str, dict[str, object]]]) -> dict[str, object]:
             if field in merged and merged[field][1] != value:
                 first, seen = merged[field]
                 raise CheckpointError(
-                    f"config conflict on {field}: {first} says {seen!r}, {where} says {value!r}"
+                    f"config conflict on {field}: {seen!r} from {first}, {value!r} from {where}"
                 )
             merged.setdefault(field, (where, value))
     return {field: value for field, (_, value) in merged.items()}
