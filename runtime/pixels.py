@@ -54,7 +54,9 @@ def decode_frames(vae, latents: Tensor, progress: bool = True) -> Iterator[np.nd
         raise ValueError(f"latents must be [1, C, F, h, w], got {tuple(latents.shape)}")
     config = vae.config
     if latents.shape[1] != config.z_dim:
-        raise ValueError(f"latents have {latents.shape[1]} channels, the VAE's z_dim is {config.z_dim}")
+        raise ValueError(
+            f"latents have {latents.shape[1]} channels, the VAE's z_dim is {config.z_dim}"
+        )
     if getattr(config, "patch_size", None) is not None or not hasattr(vae, "clear_cache"):
         raise ValueError("decode_frames supports the Wan2.1 AutoencoderKLWan (no patch_size)")
     param = next(vae.parameters())

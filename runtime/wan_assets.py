@@ -7,6 +7,8 @@ inside the functions, so `runtime` works without them.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,12 +83,30 @@ class WanAssets:
     @property
     def spatial_factor(self) -> int:
         """Pixels per latent cell along height and width (8 for Wan2.1)."""
-        return 2 ** len(self.vae.config.temperal_downsample)
+        return vae_factors(self.vae.config)[0]
 
     @property
     def temporal_factor(self) -> int:
         """Video frames per latent frame after the first (4 for Wan2.1)."""
-        return 2 ** sum(self.vae.config.temperal_downsample)
+        return vae_factors(self.vae.config)[1]
+
+
+def vae_factors(config: Mapping) -> tuple[int, int]:
+    """(spatial, temporal) compression of an AutoencoderKLWan config: every stage halves
+    the height and width, the stages flagged in `temperal_downsample` also the time."""
+    stages = config["temperal_downsample"]
+    return 2 ** len(stages), 2 ** sum(stages)
+
+
+def read_vae_config(wan_dir: str | Path) -> dict:
+    """`vae/config.json` of a Wan folder, without loading the VAE."""
+    path = Path(wan_dir).expanduser() / "vae" / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        vae_factors(config)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FileNotFoundError(f"{path}: not a readable AutoencoderKLWan config ({exc})") from exc
+    return config
 
 
 def _dtype_keyword() -> str:
@@ -121,7 +141,8 @@ def encode_prompt(
     assets: WanAssets, prompt: str, text_len: int, expected_dim: int | None = None
 ) -> Tensor:
     """UMT5 embeddings [1, text_len, text_dim] of `prompt` as Wan computes them: tokens
-    padded or truncated to `text_len` (512 for Wan), the padding positions set to zero. `expected_dim`: the DiT's text_dim, checked."""
+    padded or truncated to `text_len` (512 for Wan), the padding positions set to zero.
+    `expected_dim` (the DiT's text_dim) is checked."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
     if expected_dim is not None and assets.text_dim != expected_dim:

@@ -70,7 +70,9 @@ def _runner(model, context, args, num_frames: int):
         return EagerRunner(model, self_forcing_cache(num_frames))
     cfg = model.config
     geometry = default_geometry(cfg.tokens_per_frame, cfg.frames_per_chunk)
-    module = sparsify(model, example_chunk(cfg, context), _pattern(args.pattern, geometry), geometry)
+    module = sparsify(
+        model, example_chunk(cfg, context), _pattern(args.pattern, geometry), geometry
+    )
     print(module.plan)
     return module
 
@@ -84,10 +86,7 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return f"missing the LoRA: {Path(args.lora).expanduser()} does not exist"
     missing = [name for name in WAN_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        return (
-            f"needs the Python packages {', '.join(missing)} "
-            "(pip install 'sparse-forcing[wan]')"
-        )
+        return f"needs the Python packages {', '.join(missing)} (pip install 'sparse-forcing[wan]')"
     from runtime.wan_assets import missing_wan_file
 
     return missing_wan_file(args.wan_dir)
@@ -101,16 +100,18 @@ def run(args: argparse.Namespace) -> int:
 
     from runtime import CheckpointError, load_causal_wan
     from runtime.pixels import num_chunks_for, video_from_context
-    from runtime.wan_assets import encode_prompt, load_wan_assets
+    from runtime.wan_assets import encode_prompt, load_wan_assets, read_vae_config, vae_factors
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    assets = load_wan_assets(args.wan_dir, device, dtype)
-    factor = assets.spatial_factor
+    try:
+        factor = vae_factors(read_vae_config(args.wan_dir))[0]
+    except FileNotFoundError as exc:
+        return _fail(str(exc))
     if args.height % (2 * factor) or args.width % (2 * factor):
         return _fail(f"--height and --width must be multiples of {2 * factor} (VAE x patch)")
     latent = {"latent_height": args.height // factor, "latent_width": args.width // factor}
-    try:
+    try:  # the checkpoint first: a broken one fails before the text encoder is read
         model = load_causal_wan(
             args.checkpoint,
             latent,
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except CheckpointError as exc:
         return _fail(str(exc))
+    assets = load_wan_assets(args.wan_dir, device, dtype)
     cfg = model.config
     num_frames = num_chunks_for(args.seconds, assets.temporal_factor) * cfg.frames_per_chunk
     try:
