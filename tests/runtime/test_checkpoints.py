@@ -319,3 +319,23 @@ def test_bad_arguments_are_named(tmp_path, models):
         load_causal_wan(
             tmp_path / "w.safetensors", CONFIG, lora=tmp_path / "w.safetensors", lora_alpha=-1
         )
+
+
+def test_diffusers_named_lora(tmp_path, models):
+    base, _ = models
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    pairs = _lora_pairs(base)
+    diffusers_names = {
+        "blocks.0.self_attn.q": "blocks.0.attn1.to_q",
+        "blocks.1.cross_attn.v": "blocks.1.attn2.to_v",
+        "blocks.1.ffn.0": "blocks.1.ffn.net.0.proj",
+    }
+    lora = {}
+    for name, (a, b) in pairs.items():
+        lora[f"transformer.{diffusers_names[name]}.lora_A.weight"] = a
+        lora[f"transformer.{diffusers_names[name]}.lora_B.weight"] = b
+    save_file(lora, tmp_path / "lora.safetensors")
+    model = load_causal_wan(
+        tmp_path / "base.safetensors", CONFIG, lora=tmp_path / "lora.safetensors"
+    )
+    torch.testing.assert_close(_out(model), _lora_forward(base, pairs, 1.0), rtol=1e-5, atol=1e-5)
