@@ -242,7 +242,7 @@ def test_lora_for_a_missing_weight_is_named(tmp_path, models):
 
 
 def _edited(tmp_path, model, edit):
-    state = dict(model.state_dict())
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # never the model's own
     edit(state)
     path = tmp_path / "edited.safetensors"
     save_file(state, path)
