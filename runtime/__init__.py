@@ -3,6 +3,7 @@
 from runtime.attention_runtime import AttentionRuntime, StatefulRunner
 from runtime.attention_state import AttentionState
 from runtime.bidirectional import FullSequenceAttention
+from runtime.checkpoints import CheckpointError, load_causal_wan
 from runtime.eager import EagerRunner, GlobalCache, RollingCache, self_forcing_cache
 from runtime.model import CausalWanModel
 from runtime.model_config import WanConfig, wan_parameter_count
@@ -13,6 +14,7 @@ from runtime.rollout import ChunkRunner, SelfForcingSchedule, generate
 __all__ = [
     "AttentionRuntime",
     "AttentionState",
+    "CheckpointError",
     "FullSequenceAttention",
     "PagePool",
     "StatefulRunner",
@@ -26,6 +28,7 @@ __all__ = [
     "SelfForcingSchedule",
     "WanConfig",
     "generate",
+    "load_causal_wan",
     "self_forcing_cache",
     "wan_parameter_count",
 ]

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "plan", "autotune", "bench")
+COMMANDS = ("demo", "plan", "autotune", "bench", "generate")
 
 
 def _load(name: str):
