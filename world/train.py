@@ -135,6 +135,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this run")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     p.add_argument("--compile", action="store_true", help="torch.compile the training pass")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start a new run (fine-tuning) from the weights of an exported folder "
+        "(world.safetensors + manifest.json)",
+    )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
@@ -197,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(recipe, TRAIN_PRESETS[recipe.preset], device, compile=args.compile)
     if args.resume:
         trainer.load(checkpoint)
+    elif args.init_from is not None:
+        trainer.commands.append(trainer.init_from(args.init_from))
     trainer.commands.append(command)
     reason = trainer.run(
         args.out,

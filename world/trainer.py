@@ -113,6 +113,28 @@ class Trainer:
         self.context = torch.zeros(recipe.batch, 1, config.text_dim, device=self.device)
         self._eval_batches: list[tuple[Tensor, Tensor, Tensor]] | None = None
 
+    def init_from(self, folder: Path) -> str:
+        """Copy verified exported weights into the model and its EMA (before step 0); returns
+        the line the run's command log records for it."""
+        from world.files import read_json
+        from world.weights import MANIFEST_FILE, load_world_model
+
+        if self.step:
+            raise RuntimeError("init_from: the run has already trained")
+        source = load_world_model(folder, device=self.device)
+        if dataclasses.replace(source.config, seed=0) != dataclasses.replace(
+            self.model.config, seed=0
+        ):
+            raise ValueError(f"--init-from {folder}: its config differs from the preset's")
+        state = source.state_dict()
+        self.model.load_state_dict(state)
+        self.ema.load_state_dict(state)
+        manifest = read_json(Path(folder) / MANIFEST_FILE)
+        return (
+            f"# init from {manifest['sha256'][:12]} ({manifest['steps']} steps: "
+            f"{' && '.join(manifest['command'])})"
+        )
+
     # -- data -----------------------------------------------------------------------------
 
     def _clips(self, seeds: list[int]) -> Tensor:
