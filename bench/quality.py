@@ -14,14 +14,14 @@ import argparse
 import time
 
 import torch
-from world.scenes import heldout_seeds
-from world.video import plot_error_vs_horizon
-from world.weights import load_world_model
 
 from bench.common import device_record, format_table, write_json
 from runtime import CausalWanModel
-from world.quality import evaluate, horizons_for, summary_rows, world_geometry
+from world.quality import curves, evaluate, horizons_for, summary_rows, world_geometry
+from world.scenes import heldout_seeds
 from world.scorers import DEFAULT_SCORERS, train_world_scorer
+from world.video import plot_error_vs_horizon
+from world.weights import load_world_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_json(args.json, {"device": device_record(), "records": records})
     if args.png:
-        plot_error_vs_horizon(records, args.png)
+        plot_error_vs_horizon(curves(records, "mse"), args.png, metric="mse")
     rows = summary_rows(records)
     print(format_table(rows, list(rows[0])))
     return 0

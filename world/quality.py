@@ -82,9 +82,7 @@ def contenders(geometry: VideoGeometry, *, learned: bool) -> list[Contender]:
         # The default: 2 frames of persistent pages, a 9-frame window at 25 % (64 pages).
         (
             "persistent_local",
-            PersistentLocal(
-                persistent_blocks=2 * ppf, window_frames=3 * fpc, local_density=0.25
-            ),
+            PersistentLocal(persistent_blocks=2 * ppf, window_frames=3 * fpc, local_density=0.25),
             True,
         ),
         # The sink window's 48 pages: 3 history frames (24 pages) + 24 persistent pages.
@@ -197,8 +195,12 @@ def evaluate(
 
     recalls = {
         kind: scorer_recall(
-            model, seeds, scorer_path if kind == "learned" else None, geometry,
-            chunks=recall_chunks, device=device,
+            model,
+            seeds,
+            scorer_path if kind == "learned" else None,
+            geometry,
+            chunks=recall_chunks,
+            device=device,
         )
         for kind in (("learned", "identity") if scorer_path else ("identity",))
     }
@@ -277,6 +279,19 @@ def summary_rows(records: Sequence[dict]) -> list[dict]:
         if r["recall_25"] is not None:
             row["recall_25"] = r["recall_25"]
     return list(rows.values())
+
+
+def curves(records: Sequence[dict], metric: str) -> list[dict]:
+    """Records regrouped per contender as ``{"pattern", "scorer", metric: {horizon: value}}``
+    (the form `world.video.plot_error_vs_horizon` draws)."""
+    grouped: dict[tuple, dict] = {}
+    for r in records:
+        key = (r["pattern"], r["scorer"])
+        entry = grouped.setdefault(
+            key, {"pattern": r["pattern"], "scorer": r["scorer"], metric: {}}
+        )
+        entry[metric][r["horizon_frames"]] = r[metric]
+    return list(grouped.values())
 
 
 def horizons_for(multiples: Sequence[float]) -> list[int]:
