@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_world_model(device=device)
     geometry = world_geometry(model)
-    if args.train_world_scorer:
+    if args.train_scorers:
         start = time.perf_counter()
         report = train_world_scorer(
             model,
