@@ -26,13 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import device_record, format_table, sync, write_json
+from bench.common import device_record, sync, write_json
 from patterns import Dense
 from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forcing_cache
 from runtime.eager import SELF_FORCING_WINDOW_FRAMES
 from runtime.rollout import ChunkRunner
 from sparsify import sparsify
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
+from sparsify.tables import format_table
 
 
 @dataclass(frozen=True)
