@@ -74,6 +74,8 @@ def cpu_estimate(config) -> CpuEstimate:
 
 
 def duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
