@@ -17,10 +17,10 @@ from sparsify.commands.args import FlagError, HelpFormatter, Parser, report
 # defines `add_arguments(parser)` and `run(args) -> int` and is imported only when its command
 # runs, so `sparsify --help` starts without torch.
 COMMANDS = {
-    "demo": "roll out a small video model dense and sparse; compare time, KV memory, output",
-    "plan": "show which attention ops sparsify would rewrite in a model, and why",
-    "autotune": "tune the PBSA kernel for the benchmark shapes on this GPU, keep the winners",
-    "bench": "run the kernel / rollout benchmarks (from a repository checkout) into JSON",
+    "demo": "dense vs sparse rollout of a small model: time, KV memory, GIF",
+    "plan": "which attention ops sparsify rewrites in a model, and why",
+    "autotune": "tune the PBSA kernel on this GPU and keep the winners",
+    "bench": "run the kernel / rollout benchmarks into JSON (from a checkout)",
 }
 
 
