@@ -51,10 +51,8 @@ def checkout() -> Path:
 
 def _check_cpu_rollout(extra: list[str], force: bool) -> None:
     """Say how long the rollout benchmark takes on this CPU; refuse hours without --force."""
-    import torch
-
     from runtime import WanConfig
-    from sparsify.commands.cost import REFUSE_SECONDS, cpu_estimate, duration
+    from sparsify.commands.cost import check_cpu_run
 
     preset = argparse.ArgumentParser(add_help=False)
     preset.add_argument("--preset", default=ROLLOUT_PRESET)
@@ -63,15 +61,10 @@ def _check_cpu_rollout(extra: list[str], force: bool) -> None:
         config = WanConfig.preset(with_preset)
     except ValueError as err:
         raise FlagError("--bench-args", str(err)) from err
-    torch.set_num_threads(1)  # what a CPU run of the benchmark uses, see the demo
-    estimate = cpu_estimate(config)
-    seconds = estimate.seconds(MIN_ROLLOUT_CHUNKS)
-    message = (
-        f"rollout on the CPU: {with_preset} ({estimate.parameters / 1e6:.0f}M parameters) runs "
-        f"at least {MIN_ROLLOUT_CHUNKS} chunks: estimated {duration(seconds)} at least here"
+    what = f"bench rollout of {with_preset}, its smallest run"
+    message = check_cpu_run(
+        config, MIN_ROLLOUT_CHUNKS, what, force=force, flag="--force", advice="run it on a GPU"
     )
-    if seconds > REFUSE_SECONDS and not force:
-        raise FlagError("--force", f"{message}; run it on a GPU, or pass --force")
     print(f"sparsify bench: {message}", flush=True)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from sparsify.commands.args import FlagError
+
 REFUSE_SECONDS = 3600.0  # longer than this on a CPU needs --force
 
 
@@ -71,6 +73,21 @@ def matmul_flops_per_second(size: int = 384, repeats: int = 8) -> float:
 def cpu_estimate(config) -> CpuEstimate:
     parameters = parameter_count(config)
     return CpuEstimate(parameters, chunk_flops(config, parameters), matmul_flops_per_second())
+
+
+def check_cpu_run(config, chunks: int, what: str, *, force: bool, flag: str, advice: str) -> str:
+    """A line saying how long `chunks` chunks of `config` (a `runtime.WanConfig`) take on this
+    CPU, for `what` (a rollout, a benchmark); a `FlagError` naming `flag` with `advice` when
+    that is over REFUSE_SECONDS and `force` is not set."""
+    estimate = cpu_estimate(config)
+    seconds = estimate.seconds(chunks)
+    message = (
+        f"{what}: {chunks} chunks of a {estimate.parameters / 1e6:.1f}M-parameter model on this "
+        f"CPU, estimated {duration(seconds)} at least"
+    )
+    if seconds > REFUSE_SECONDS and not force:
+        raise FlagError(flag, f"{message}; {advice}, or pass --force")
+    return message
 
 
 def duration(seconds: float) -> str:

@@ -27,8 +27,8 @@ from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forci
 from runtime.block_map import BlockMap, block_map
 from runtime.model_config import PRESETS
 from sparsify.api import sparsify
-from sparsify.commands.args import FlagError, out_dir, positive_int, torch_device
-from sparsify.commands.cost import REFUSE_SECONDS, cpu_estimate, duration
+from sparsify.commands.args import out_dir, positive_int, torch_device
+from sparsify.commands.cost import check_cpu_run
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
 
 PANEL_GAP = 4  # pixels between the dense and the sparse panel
@@ -58,19 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _stage(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
-
-
-def _check_cpu_time(config: WanConfig, args: argparse.Namespace) -> None:
-    """Say how long the two rollouts take on this CPU; refuse hours without --force."""
-    estimate = cpu_estimate(config)
-    seconds = estimate.seconds(2 * args.chunks)
-    message = (
-        f"{args.preset} has {estimate.parameters / 1e6:.1f}M parameters: two rollouts of "
-        f"{args.chunks} chunks on this CPU: estimated {duration(seconds)} at least"
-    )
-    if seconds > REFUSE_SECONDS and not args.force:
-        raise FlagError("--preset", f"{message}; use a GPU, fewer --chunks, or pass --force")
-    _stage(message)
 
 
 def _timed_rollout(runner, context: Tensor, config: WanConfig, chunks: int, seed: int):
@@ -142,7 +129,13 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         # Small CPU shapes: one thread is 3-25x faster than two that contend for the cores.
         torch.set_num_threads(1)
-        _check_cpu_time(config, args)
+        what = f"{args.preset}, dense and sparse rollouts"
+        _stage(
+            check_cpu_run(
+                config, 2 * args.chunks, what, force=args.force, flag="--preset",
+                advice="use a GPU or fewer --chunks",
+            )
+        )  # fmt: skip
     _stage(f"building {args.preset} on {device} (seeded random weights)")
     model = CausalWanModel(config).to(device, dtype).eval()
     generator = torch.Generator().manual_seed(args.seed)
