@@ -88,8 +88,8 @@ def test_demo_and_bench_check_their_arguments_before_any_work(tmp_path):
     if "cuda" in results:
         _assert_flag_error(results["cuda"], "demo", "--device", "no CUDA device")
         # Hours on a CPU: refused up front with the estimate, --force offered.
-        _assert_flag_error(results["big"], "demo", "--preset", "parameters", " h ", "--force")
-        _assert_flag_error(results["bench rollout"], "bench", "--force", "wan2.1-1.3b", " h ")
+        _assert_flag_error(results["big"], "demo", "--preset", "parameter", "estimated", "--force")
+        _assert_flag_error(results["bench rollout"], "bench", "--force", "wan2.1-1.3b", "estimated")
         assert not (tmp_path / "b" / "rollout.json").exists()
 
 
