@@ -1,10 +1,10 @@
-"""Helpers shared by the benchmarks: device record, timing, JSON output, the printed table."""
+"""Helpers shared by the benchmarks: device record, timing, JSON output."""
 
 from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,22 +45,3 @@ def write_json(path: str | Path | None, payload: dict) -> None:
     if path is None:
         return
     write_text_atomic(path, json.dumps(payload, indent=1, default=str))
-
-
-def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    """A fixed-width text table (also valid Markdown) of the given columns."""
-
-    def cell(v: object) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
-
-    cells = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: (
-        "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)) + " |"
-    )
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(columns), sep, *(line(r) for r in cells)])

@@ -20,79 +20,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.common import device_record, format_table, time_ms, write_json
-
-PAGE = 128
-Q_BLOCK = 128
-
-
-@dataclass(frozen=True)
-class KernelCase:
-    name: str
-    kv_tokens: int
-    persistent_tokens: int
-    densities: tuple[float, ...]
-    q_len: int = 3 * 1560
-    tokens_per_frame: int = 1560
-    heads: int = 12
-    head_dim: int = 128
-
-    @property
-    def num_pages(self) -> int:
-        return math.ceil(self.kv_tokens / PAGE)
-
-    @property
-    def num_q_blocks(self) -> int:
-        return math.ceil(self.q_len / Q_BLOCK)
-
-
-CASES = {
-    "sf5s": KernelCase("sf5s", 21 * 1560, 4096, (1.0, 0.25, 0.125, 0.0625)),
-    "paper65k": KernelCase("paper65k", 42 * 1560, 4096, (0.25, 0.125, 0.0625)),
-}
+from bench.common import device_record, time_ms, write_json
+from codegen.samples import CASES, PAGE, Q_BLOCK, KernelCase, build_table, case_tensors
+from sparsify.tables import format_table
 
 Selector = Callable[[KernelCase, float, Tensor, Tensor], Callable[[], object]]
-
-
-def build_table(
-    case: KernelCase, density: float, device: torch.device, seed: int = 0
-) -> tuple[Tensor, Tensor]:
-    """(kv_num_blocks int32 [1, H, Mq], kv_indices int32 [1, H, Mq, Kmax]) of the case.
-
-    Visible: persistent pages, the pages holding the query block's own frames, and
-    round(density · other window pages) random others (seeded).
-    """
-    g = torch.Generator(device=device).manual_seed(seed)
-    h, mq, npg = case.heads, case.num_q_blocks, case.num_pages
-    first_window = case.persistent_tokens // PAGE
-    pages = torch.arange(npg, device=device)
-    rows0 = torch.arange(mq, device=device) * Q_BLOCK
-    rows1 = torch.clamp(rows0 + Q_BLOCK, max=case.q_len) - 1
-    chunk0 = case.kv_tokens - case.q_len  # KV position of the first query token
-    own_lo = (chunk0 + (rows0 // case.tokens_per_frame) * case.tokens_per_frame) // PAGE
-    own_hi = -(-(chunk0 + (rows1 // case.tokens_per_frame + 1) * case.tokens_per_frame) // PAGE)
-    own = (pages >= own_lo[:, None]) & (pages < own_hi[:, None])  # [Mq, NP]
-    window = pages >= first_window
-    others = window & ~own
-    n_pick = torch.round(density * others.sum(-1).float()).long()  # [Mq]
-    score = torch.rand(h, mq, npg, generator=g, device=device).masked_fill(~others, -1.0)
-    rank = score.argsort(-1, descending=True).argsort(-1)
-    visible = (rank < n_pick[:, None]) & others | own | ~window
-    counts = visible.sum(-1).to(torch.int32)
-    order = torch.where(visible, pages, pages + npg).sort(-1).values
-    idx = torch.where(pages < counts[..., None], order, 0).to(torch.int32)
-    kmax = int(counts.max())  # table width = the longest row, as a real selector emits
-    return counts[None], idx[None, ..., :kmax].contiguous()
 
 
 def computed_tokens(case: KernelCase, counts: Tensor) -> float:
@@ -165,25 +105,6 @@ def _record(case, density, impl, ms, computed, **extra) -> dict:
         ideal_speedup=case.kv_tokens / computed,
         **extra,
     )
-
-
-def case_tensors(case: KernelCase, device: torch.device, seed: int = 0) -> tuple[Tensor, ...]:
-    """Seeded bf16 inputs of a case: q [1, Lq, H, D] and k, v [1, Lk, H, D] (BLHD,
-    contiguous), and the same K/V as a paged pool [1, H, NP, 128, D] (zero tail) with its
-    page lengths int32 [1, H, NP]."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    b, h, d, lk = 1, case.heads, case.head_dim, case.kv_tokens
-    q = torch.randn(b, case.q_len, h, d, device=device, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(b, lk, h, d, device=device, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(b, lk, h, d, device=device, dtype=torch.bfloat16, generator=g)
-    pad = case.num_pages * PAGE - lk
-    k_pool, v_pool = (
-        F.pad(t.transpose(1, 2), (0, 0, 0, pad)).reshape(b, h, case.num_pages, PAGE, d).contiguous()
-        for t in (k, v)
-    )
-    page_lens = torch.full((b, h, case.num_pages), PAGE, dtype=torch.int32, device=device)
-    page_lens[..., -1] = lk - (case.num_pages - 1) * PAGE
-    return q, k, v, k_pool, v_pool, page_lens
 
 
 # Timed rounds per implementation. Every implementation of a case is timed once per round,

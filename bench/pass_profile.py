@@ -25,12 +25,13 @@ import time
 
 import torch
 
-from bench.common import format_table, sync
+from bench.common import sync
 from patterns import Dense
 from runtime import CausalWanModel, EagerRunner, WanConfig, reference_runner
 from runtime.eager import SELF_FORCING_WINDOW_FRAMES, self_forcing_cache
 from sparsify import sparsify
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
+from sparsify.tables import format_table
 
 RUNNERS = (
     "dense",

@@ -26,13 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import device_record, format_table, sync, write_json
+from bench.common import device_record, sync, write_json
 from patterns import Dense
 from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forcing_cache
 from runtime.eager import SELF_FORCING_WINDOW_FRAMES
 from runtime.rollout import ChunkRunner
 from sparsify import sparsify
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
+from sparsify.tables import format_table
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(args.seed)
     config = WanConfig.preset(args.preset)
+    print(f"set-up: building {args.preset} on {device}, random weights", flush=True)
     model = CausalWanModel(config).to(device, dtype).eval()
     context = torch.randn(1, config.text_len, config.text_dim, device=device, dtype=dtype)
     impls = args.impls.split(",")
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         # the dense baseline's cache policy on the sparse runtime: what the rewrite costs
         "sparse_dense": Dense(window_frames=SELF_FORCING_WINDOW_FRAMES),
     }
+    rewritten = ", ".join(impl for impl in impls if impl in patterns)
+    print(f"set-up: capturing and rewriting the graph for {rewritten}", flush=True)
     sparse_runners = {
         impl: sparsify(
             model, example, patterns[impl], geometry=geometry, cuda_graphs=not args.no_cuda_graphs
@@ -203,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         for runner in sparse_runners.values():
             runner.compile()
 
+    if not args.no_compile:
+        print("warm-up: the first chunk of each sparse runner compiles it (minutes)", flush=True)
     card = device_record()
     records = []
     for name in args.horizons.split(","):
@@ -213,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 runner = sparse_runners[impl]
             # Warm-up over every KV length the timed run meets (cuDNN plans, kernels).
+            print(f"{name} {impl}: warm-up rollout, then the timed one", flush=True)
             warmup = run_rollout(runner, config, context, min(horizon.chunks, WARMUP_CHUNKS))
             record = dict(horizon=name, impl=impl, chunks=horizon.chunks)
             # the cold cost (compiling, CUDA-graph captures) shows in the warm-up, not the run

@@ -28,10 +28,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from bench.common import device_record, format_table, time_ms, write_json
-from bench.kernel import CASES, PAGE, Q_BLOCK, KernelCase, build_table
+from bench.common import device_record, time_ms, write_json
+from codegen.samples import CASES, PAGE, Q_BLOCK, KernelCase, build_table
 from patterns import BlockScorer, BlockTable, CacheView, PersistentLocal, pool_query_blocks
 from sparsify.defaults import default_geometry
+from sparsify.tables import format_table
 
 
 def persistent_local(

@@ -1,8 +1,13 @@
-"""Seeded random inputs and block tables for `pbsa_attention` (tests and examples)."""
+"""Seeded random inputs and block tables for `pbsa_attention` (tests and examples), and the
+kernel benchmark's cases (`KernelCase`, `CASES`) with their inputs and tables."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from codegen.problem import Problem, validate
@@ -115,3 +120,86 @@ def small_inputs(**overrides) -> dict:
 def sample_problem(args: dict) -> Problem:
     """The validated `Problem` of `random_inputs`' arguments (default scale)."""
     return validate(**{**args, "page_lens": args.get("page_lens")}, scale=None)
+
+
+# The kernel benchmark's shapes (`bench.kernel`, `sparsify autotune`): B=1, H=12, D=128, bf16,
+# BLHD, one chunk of 3 frames x 1560 queries against a contiguous KV of persistent tokens then
+# the window.
+PAGE = 128
+Q_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    name: str
+    kv_tokens: int
+    persistent_tokens: int
+    densities: tuple[float, ...]
+    q_len: int = 3 * 1560
+    tokens_per_frame: int = 1560
+    heads: int = 12
+    head_dim: int = 128
+
+    @property
+    def num_pages(self) -> int:
+        return math.ceil(self.kv_tokens / PAGE)
+
+    @property
+    def num_q_blocks(self) -> int:
+        return math.ceil(self.q_len / Q_BLOCK)
+
+
+CASES = {
+    "sf5s": KernelCase("sf5s", 21 * 1560, 4096, (1.0, 0.25, 0.125, 0.0625)),
+    "paper65k": KernelCase("paper65k", 42 * 1560, 4096, (0.25, 0.125, 0.0625)),
+}
+
+
+def build_table(
+    case: KernelCase, density: float, device: torch.device, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """(kv_num_blocks int32 [1, H, Mq], kv_indices int32 [1, H, Mq, Kmax]) of the case.
+
+    Visible: persistent pages, the pages holding the query block's own frames, and
+    round(density · other window pages) random others (seeded).
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    h, mq, npg = case.heads, case.num_q_blocks, case.num_pages
+    first_window = case.persistent_tokens // PAGE
+    pages = torch.arange(npg, device=device)
+    rows0 = torch.arange(mq, device=device) * Q_BLOCK
+    rows1 = torch.clamp(rows0 + Q_BLOCK, max=case.q_len) - 1
+    chunk0 = case.kv_tokens - case.q_len  # KV position of the first query token
+    own_lo = (chunk0 + (rows0 // case.tokens_per_frame) * case.tokens_per_frame) // PAGE
+    own_hi = -(-(chunk0 + (rows1 // case.tokens_per_frame + 1) * case.tokens_per_frame) // PAGE)
+    own = (pages >= own_lo[:, None]) & (pages < own_hi[:, None])  # [Mq, NP]
+    window = pages >= first_window
+    others = window & ~own
+    n_pick = torch.round(density * others.sum(-1).float()).long()  # [Mq]
+    score = torch.rand(h, mq, npg, generator=g, device=device).masked_fill(~others, -1.0)
+    rank = score.argsort(-1, descending=True).argsort(-1)
+    visible = (rank < n_pick[:, None]) & others | own | ~window
+    counts = visible.sum(-1).to(torch.int32)
+    order = torch.where(visible, pages, pages + npg).sort(-1).values
+    idx = torch.where(pages < counts[..., None], order, 0).to(torch.int32)
+    kmax = int(counts.max())  # table width = the longest row, as a real selector emits
+    return counts[None], idx[None, ..., :kmax].contiguous()
+
+
+def case_tensors(case: KernelCase, device: torch.device, seed: int = 0) -> tuple[Tensor, ...]:
+    """Seeded bf16 inputs of a case: q [1, Lq, H, D] and k, v [1, Lk, H, D] (BLHD,
+    contiguous), and the same K/V as a paged pool [1, H, NP, 128, D] (zero tail) with its
+    page lengths int32 [1, H, NP]."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    b, h, d, lk = 1, case.heads, case.head_dim, case.kv_tokens
+    q = torch.randn(b, case.q_len, h, d, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(b, lk, h, d, device=device, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(b, lk, h, d, device=device, dtype=torch.bfloat16, generator=g)
+    pad = case.num_pages * PAGE - lk
+    k_pool, v_pool = (
+        F.pad(t.transpose(1, 2), (0, 0, 0, pad)).reshape(b, h, case.num_pages, PAGE, d).contiguous()
+        for t in (k, v)
+    )
+    page_lens = torch.full((b, h, case.num_pages), PAGE, dtype=torch.int32, device=device)
+    page_lens[..., -1] = lk - (case.num_pages - 1) * PAGE
+    return q, k, v, k_pool, v_pool, page_lens

@@ -7,7 +7,24 @@ lists every site. Names are imported lazily so that the `sparsify` command line 
 from __future__ import annotations
 
 import importlib
+from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+
+def _version() -> str:
+    """The installed distribution's version; in a checkout that is not installed, the
+    version its pyproject.toml declares."""
+    try:
+        return metadata.version("sparse-forcing")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+
+
+__version__ = _version()
 
 _EXPORTS = {
     "sparsify": "sparsify.api",

@@ -1,7 +1,8 @@
-"""The `sparsify` command line: one subcommand per module in `sparsify/commands/`.
+"""The `sparsify` command line.
 
-Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`;
-modules are imported only when their command runs, so `sparsify --help` stays fast.
+Make a video diffusion transformer's self-attention persistent-plus-local block-sparse and
+see what it changes. Without a command, `sparsify` runs `demo`. `sparsify COMMAND --help`
+lists a command's options and their defaults.
 """
 
 from __future__ import annotations
@@ -10,7 +11,18 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "plan", "autotune", "bench", "generate")
+from sparsify.commands.args import FlagError, HelpFormatter, Parser, report
+
+# One line per command for `sparsify --help`; a command's module (sparsify/commands/<name>.py)
+# defines `add_arguments(parser)` and `run(args) -> int` and is imported only when its command
+# runs, so `sparsify --help` starts without torch.
+COMMANDS = {
+    "demo": "dense vs sparse rollout of a small model: time, KV memory, GIF",
+    "plan": "which attention ops sparsify rewrites in a model, and why",
+    "autotune": "tune the PBSA kernel on this GPU and keep the winners",
+    "bench": "run the kernel / rollout benchmarks into JSON (from a checkout)",
+    "generate": "prompt -> MP4 with your own causal Wan checkpoint (needs the [wan] extra)",
+}
 
 
 def _load(name: str):
@@ -18,22 +30,32 @@ def _load(name: str):
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsify", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from sparsify import __version__
+
+    parser = Parser(
+        prog="sparsify",
+        description=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     chosen = next((a for a in argv if a in COMMANDS), None)
-    for name in COMMANDS:
+    for name, summary in COMMANDS.items():
+        command = sub.add_parser(
+            name, help=summary, description=summary, formatter_class=HelpFormatter
+        )
         if name == chosen:
-            module = _load(name)
-            module.add_arguments(sub.add_parser(name, help=module.HELP))
-        else:
-            sub.add_parser(name, help=f"see `sparsify {name} --help`")
+            _load(name).add_arguments(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv or ["demo"])
-    return int(_load(args.command).run(args) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv) or ["demo"]
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return int(_load(args.command).run(args) or 0)
+    except FlagError as err:
+        return report(args.command, err)
 
 
 if __name__ == "__main__":

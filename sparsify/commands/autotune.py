@@ -1,40 +1,45 @@
 """`sparsify autotune`: tune the PBSA kernel for the kernel benchmark's shapes (GPU).
 
-For each case and density of `bench.kernel` (B=1, H=12, D=128, bf16, Lq 4680) it builds the
-benchmark's block table and runs `codegen.tuning` on contiguous and paged K/V; winners are
-stored in the kernel cache dir (`autotune.json`) and used by every later call of that shape.
+For each case and density of `codegen.samples.CASES` (B=1, H=12, D=128, bf16, Lq 4680) it
+builds the benchmark's block table and runs `codegen.tuning` on contiguous and paged K/V;
+winners are stored in the kernel cache dir (`autotune.json`) and used by every later call of
+that shape.
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "autotune the PBSA kernel for the kernel benchmark's shapes and store the winners"
+from sparsify.commands.args import name_list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cases", default="sf5s,paper65k", help="comma-separated case names")
+    from codegen.samples import CASES
+
+    names = ", ".join(f"{n} ({c.kv_tokens} KV tokens)" for n, c in CASES.items())
+    parser.add_argument(
+        "--cases",
+        type=name_list(list(CASES)),
+        default=",".join(CASES),
+        help=f"comma-separated cases to tune, from: {names}",
+    )
     parser.add_argument("--force", action="store_true", help="re-time even if a winner exists")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.common import format_table
-    from bench.kernel import CASES, PAGE, Q_BLOCK, build_table, case_tensors
     from codegen import autotune
     from codegen.cache import cache_dir
+    from codegen.samples import CASES, PAGE, Q_BLOCK, build_table, case_tensors
+    from sparsify.tables import format_table
 
-    names = args.cases.split(",")
-    unknown = [n for n in names if n not in CASES]
-    if unknown:
-        raise ValueError(f"--cases: unknown {unknown}; expected names from {sorted(CASES)}")
     if not torch.cuda.is_available():
         print("sparsify autotune: no CUDA device; the interpreter uses one fixed config")
         return 0
     dev = torch.device("cuda")
     rows = []
-    for name in names:
+    for name in args.cases:
         case = CASES[name]
         q, k, v, k_pool, v_pool, lens = case_tensors(case, dev)
         for density in case.densities:

@@ -14,8 +14,8 @@ wan2.1-1.3b` on a GPU is the real-size comparison.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
-from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -28,19 +28,37 @@ from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forci
 from runtime.block_map import BlockMap, block_map
 from runtime.model_config import PRESETS
 from sparsify.api import sparsify
+from sparsify.commands.args import out_dir, positive_int, torch_device
+from sparsify.commands.cost import check_cpu_run
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
 
-HELP = "dense vs sparse rollout of the reference model: table, block-mask PNG, side-by-side GIF"
-
 PANEL_GAP = 4  # pixels between the dense and the sparse panel
+CPU_NOTE = (
+    "note: on a CPU the sparse rollout is slower than the dense one. Its kernel here is the\n"
+    "torch backend, which gathers each query block's visible pages into dense tensors, and\n"
+    "it selects pages and updates the persistent memory every chunk; at this model's size\n"
+    "that bookkeeping costs more than the attention it skips. The speed-up is a GPU result:\n"
+    "generated Triton kernels at Wan size (BENCHMARKS.md)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
-    parser.add_argument("--chunks", type=int, default=6, help="chunks of 3 latent frames")
-    parser.add_argument("--out", default="sparsify-demo", help="folder for the PNG and the GIF")
+    parser.add_argument("--chunks", type=positive_int, default=6, help="chunks of 3 latent frames")
+    parser.add_argument(
+        "--out", type=out_dir, default="sparsify-demo", help="folder for the PNG and the GIF"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, noise and context")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    parser.add_argument(
+        "--device", type=torch_device, help="cpu, cuda or cuda:N (default: cuda if present)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="run even if it takes hours (a large preset on a CPU)"
+    )
+
+
+def _stage(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
 def _timed_rollout(runner, context: Tensor, config: WanConfig, chunks: int, seed: int):
@@ -106,32 +124,40 @@ def _last_chunk_map(sparse_module, chunks: int, frames_per_chunk: int) -> dict[s
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.chunks <= 0:
-        raise SystemExit(f"--chunks must be positive, got {args.chunks}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = WanConfig.preset(args.preset, seed=args.seed)
     if device.type == "cpu":
         # Small CPU shapes: one thread is 3-25x faster than two that contend for the cores.
         torch.set_num_threads(1)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = WanConfig.preset(args.preset, seed=args.seed)
+        what = f"{args.preset}, dense and sparse rollouts"
+        _stage(
+            check_cpu_run(
+                config, 2 * args.chunks, what, force=args.force, flag="--preset",
+                advice="use a GPU or fewer --chunks",
+            )
+        )  # fmt: skip
+    _stage(f"building {args.preset} on {device} (seeded random weights)")
     model = CausalWanModel(config).to(device, dtype).eval()
     generator = torch.Generator().manual_seed(args.seed)
     context = torch.randn(1, config.text_len, config.text_dim, generator=generator)
     context = context.to(device, dtype)
     geometry = default_geometry(config.tokens_per_frame, config.frames_per_chunk)
     pattern = default_pattern(geometry)
+    _stage("capturing the graph and rewriting its self-attention")
     sparse = sparsify(model, example_chunk(config, context), pattern, geometry=geometry)
     print(sparse.plan)
     recorded = _last_chunk_map(sparse, args.chunks, config.frames_per_chunk)
     dense = EagerRunner(model, self_forcing_cache(args.chunks * config.frames_per_chunk))
 
+    _stage("dense rollout, then the sparse one")
     dense_latents, dense_s = _timed_rollout(dense, context, config, args.chunks, args.seed)
     sparse_latents, sparse_s = _timed_rollout(sparse, context, config, args.chunks, args.seed)
     diff = float(
         (sparse_latents.float() - dense_latents.float()).norm() / dense_latents.float().norm()
     )
 
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     mask_path, gif_path = out / "block_mask.png", out / "rollout.gif"
     bmap = recorded["map"]
@@ -164,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    if device.type == "cpu":
+        print(CPU_NOTE)
     print(f"\nwrote {mask_path} and {gif_path}")
     return 0
 
