@@ -15,8 +15,9 @@ import time
 
 import torch
 
-from bench.common import device_record, format_table, write_json
+from bench.common import device_record, write_json
 from runtime import CausalWanModel
+from sparsify.tables import format_table
 from world.quality import curves, evaluate, horizons_for, summary_rows, world_geometry
 from world.scenes import heldout_seeds
 from world.scorers import DEFAULT_SCORERS, train_world_scorer
