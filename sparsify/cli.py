@@ -21,7 +21,7 @@ COMMANDS = {
     "plan": "which attention ops sparsify rewrites in a model, and why",
     "autotune": "tune the PBSA kernel on this GPU and keep the winners",
     "bench": "run the kernel / rollout benchmarks into JSON (from a checkout)",
-    "generate": "prompt -> MP4 with your own causal Wan checkpoint (needs the [wan] extra)",
+    "generate": "prompt -> MP4 from your own causal Wan checkpoint ([wan] extra)",
 }
 
 

@@ -3,6 +3,7 @@
 import threading
 
 import pytest
+import torch
 
 import codegen.cache as cache
 from codegen.spec import KernelSpec
@@ -81,6 +82,10 @@ def lose_log2e(text: str) -> str:
     return edited
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="forces the interpreter backend, which fails in a CUDA process (H200, 2026-12-02)",
+)
 @pytest.mark.parametrize("damage", [cut_after_last_loop, lose_log2e])
 def test_a_damaged_cached_source_is_regenerated(fresh_cache, monkeypatch, damage):
     import torch
@@ -105,6 +110,10 @@ def test_a_damaged_cached_source_is_regenerated(fresh_cache, monkeypatch, damage
     assert path.read_text() == good
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="forces the interpreter backend, which fails in a CUDA process (H200, 2026-12-02)",
+)
 def test_an_unwritable_cache_dir_falls_back_to_a_temporary_one(tmp_path, monkeypatch):
     import torch
 
