@@ -12,17 +12,16 @@ temporary file in the destination folder, then ``os.replace``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import torch
 from torch import Tensor
+
+from patterns.files import atomic_path
 
 GAP = 4
 LABEL_HEIGHT = 20
@@ -32,20 +31,13 @@ _TEXT_DPI = 100
 _FONT_PT = 10
 
 
-@contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike, suffix: str) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds."""
+def _atomic_target(path: str | os.PathLike, suffix: str):
+    """A temporary path next to ``path`` (see `patterns.files.atomic_path`); the folder must
+    exist (a typo in it is an error, not a new folder)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"path: folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return atomic_path(path, suffix)
 
 
 def _figure(width_px: int, height_px: int):
