@@ -1,8 +1,8 @@
 """On-disk cache of generated kernel sources, and `get_kernel(spec)` to import one.
 
 Triton's @jit reads the kernel's source with inspect.getsource, so each kernel lives in a
-real file: `<cache dir>/kernels/<spec.name>_<hash>.py`, where the hash covers the spec, the
-template (and renderer) and the Triton version. Files are written to a temporary name and
+real file: `<cache dir>/kernels/<spec.name>_<hash>.py` (`..._bwd_<hash>.py` for the backward
+module), where the hash covers the spec, the templates (and renderer) and the Triton version. Files are written to a temporary name and
 moved into place with os.replace, so concurrent processes generating the same kernel are safe.
 
 A cached file is trusted only after it is compared with a fresh render (cheap, once per file
@@ -24,7 +24,13 @@ from types import ModuleType
 
 import triton
 
-from codegen.render import render, runtime_int_args, template_fingerprint
+from codegen.render import (
+    kernel_name,
+    module_of,
+    render,
+    runtime_int_args,
+    template_fingerprint,
+)
 from codegen.spec import KernelSpec
 
 _modules: dict[Path, ModuleType] = {}
@@ -43,11 +49,13 @@ def cache_dir() -> Path:
     return Path(base) / "sparse_forcing"
 
 
-def kernel_path(spec: KernelSpec) -> Path:
-    """Where the spec's source belongs (in the fallback dir if the cache dir is unwritable)."""
-    digest = spec.digest(template_fingerprint(), triton.__version__)
+def kernel_path(spec: KernelSpec, module: str = "fwd") -> Path:
+    """Where the spec's source of `module` ("fwd" | "bwd") belongs (in the fallback dir if
+    the cache dir is unwritable)."""
+    digest = spec.digest(template_fingerprint(module), triton.__version__)
     folder = cache_dir() / "kernels"
-    return _fallbacks.get(folder, folder) / f"{spec.name}_{digest}.py"
+    stem = spec.name if module == "fwd" else f"{spec.name}_{module}"
+    return _fallbacks.get(folder, folder) / f"{stem}_{digest}.py"
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -88,13 +96,13 @@ def _write(path: Path, text: str) -> Path:
         return _write(fallback / path.name, text)
 
 
-def kernel_source_path(spec: KernelSpec) -> Path:
-    """Path of the spec's generated source, verified against a fresh render (once per
-    process) and written if missing or different."""
-    path = kernel_path(spec)
+def kernel_source_path(spec: KernelSpec, module: str = "fwd") -> Path:
+    """Path of the spec's generated source of `module`, verified against a fresh render
+    (once per process) and written if missing or different."""
+    path = kernel_path(spec, module)
     if path in _verified:
         return path
-    text = render(spec)
+    text = render(spec, module)
     found = _read(path)
     if found != text:
         if found is not None:
@@ -119,19 +127,21 @@ def _import(path: Path) -> ModuleType:
     return module
 
 
-def get_kernel(spec: KernelSpec, *, interpret: bool | None = None):
-    """The spec's kernel: a triton JITFunction, or (interpret=True) an interpreted one.
+def get_kernel(spec: KernelSpec, *, interpret: bool | None = None, kernel: str = "fwd"):
+    """The spec's kernel `kernel` ("fwd", or a backward one: "bwd_delta", "bwd_dq",
+    "bwd_dkdv"): a triton JITFunction, or (interpret=True) an interpreted one.
 
     interpret=None follows TRITON_INTERPRET as Triton itself does at import time.
     """
-    kernel = getattr(_import(kernel_source_path(spec)), spec.name)
-    is_interpreted = type(kernel).__name__ == "InterpretedFunction"
+    module = _import(kernel_source_path(spec, module_of(kernel)))
+    fn = getattr(module, kernel_name(spec, kernel))
+    is_interpreted = type(fn).__name__ == "InterpretedFunction"
     if interpret is None or interpret == is_interpreted:
-        return kernel
+        return fn
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
-        return InterpretedFunction(kernel.fn, do_not_specialize=list(runtime_int_args(spec)))
+        return InterpretedFunction(fn.fn, do_not_specialize=list(runtime_int_args(spec, kernel)))
     raise RuntimeError(
         "get_kernel: TRITON_INTERPRET=1 was set when the kernel was imported; "
         "the compiled kernel is unavailable in this process"

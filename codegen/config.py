@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -85,3 +86,10 @@ def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
         tma=config.tma,
         scheduled=config.scheduled,
     )
+
+
+def backward_spec_for(p: Problem, config: LaunchConfig) -> KernelSpec:
+    """The spec of the backward kernels run with `config`: the call's structure, the
+    config's tile (block_m query rows, block_n keys), pointer loads in launch order."""
+    plain = dataclasses.replace(config, tma=False, scheduled=False)
+    return spec_for(p, plain, return_lse=True)

@@ -16,14 +16,17 @@ from codegen.spec import KernelSpec
 from codegen.store import lookup
 
 # Per-call host work is on the critical path of short kernels: kernels are memoised.
-_kernels: dict[tuple[KernelSpec, bool], object] = {}
+_kernels: dict[tuple[KernelSpec, bool, str], object] = {}
 
 
-def _kernel(spec: KernelSpec, interpret: bool):
-    kernel = _kernels.get((spec, interpret))
-    if kernel is None:
-        kernel = _kernels[spec, interpret] = get_kernel(spec, interpret=interpret)
-    return kernel
+def memo_kernel(spec: KernelSpec, interpret: bool, kernel: str = "fwd"):
+    """`get_kernel`, memoised per (spec, interpret, kernel)."""
+    fn = _kernels.get((spec, interpret, kernel))
+    if fn is None:
+        fn = _kernels[spec, interpret, kernel] = get_kernel(
+            spec, interpret=interpret, kernel=kernel
+        )
+    return fn
 
 
 # Longest-first tile orders, keyed by the table tensor's identity and version. A stale entry
@@ -66,18 +69,24 @@ def _kv_args(p: Problem, spec: KernelSpec) -> dict[str, object]:
     """The kernel's K, V and kv geometry arguments (see `codegen.render.kernel_args`)."""
     if spec.tma:
         return _kv_tma_args(p, spec)
-    k, v = p.k, p.v
-    if p.paged:  # (batch, kv head, page, token) strides of the pools
-        geometry = (*k.stride()[:4], *v.stride()[:4])
-    else:  # contiguous: page j of head g starts at token j·page
-        tok, head = (1, 2) if p.layout == "BLHD" else (2, 1)
-        geometry = tuple(
-            s
-            for t in (k, v)
-            for s in (t.stride(0), t.stride(head), p.page_size * t.stride(tok), t.stride(tok))
-        )
+    geometry = (*page_strides(p, p.k), *page_strides(p, p.v))
     names = (f"stride_{t}{d}" for t in "kv" for d in "bhpt")
-    return dict(K=k, V=v, **dict(zip(names, geometry, strict=True)))
+    return dict(K=p.k, V=p.v, **dict(zip(names, geometry, strict=True)))
+
+
+def page_strides(p: Problem, t: Tensor) -> tuple[int, int, int, int]:
+    """(batch, kv head, page, token) strides of a K/V-shaped tensor `t` of the call."""
+    if p.paged:
+        return t.stride()[:4]
+    # contiguous: page j of head g starts at token j·page
+    tok, head = (1, 2) if p.layout == "BLHD" else (2, 1)
+    return (t.stride(0), t.stride(head), p.page_size * t.stride(tok), t.stride(tok))
+
+
+def bhl_strides(p: Problem, t: Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a q-shaped tensor `t` of the call."""
+    sb, s1, s2, _ = t.stride()
+    return (sb, s2, s1) if p.layout == "BLHD" else (sb, s1, s2)
 
 
 def _kv_tma_args(p: Problem, spec: KernelSpec) -> dict[str, object]:
@@ -99,7 +108,7 @@ def _kv_tma_args(p: Problem, spec: KernelSpec) -> dict[str, object]:
     return dict(K=k, V=v, **dict(zip(("kv_row_b", "kv_row_h", "kv_col_h"), rows, strict=True)))
 
 
-def _aligned(t: Tensor) -> bool:
+def aligned(t: Tensor) -> bool:
     """Unit stride on the head dim and every other stride a multiple of 16 elements."""
     return t.stride(-1) == 1 and all(s % 16 == 0 for s in t.stride()[:-1])
 
@@ -118,26 +127,21 @@ def pbsa_triton(
         raise ValueError("backend='triton' needs CUDA tensors; use 'torch' or 'interpret'")
     config = config or default_config(p, interpret)
     spec = spec_for(p, config, return_lse)
-    kernel = _kernel(spec, interpret)
+    kernel = memo_kernel(spec, interpret)
 
     # The kernel assumes 16-element-aligned strides (and TMA contiguous K/V): copy otherwise.
-    q = p.q if _aligned(p.q) else p.q.contiguous()
+    q = p.q if aligned(p.q) else p.q.contiguous()
     k, v = (
-        t if (t.is_contiguous() if spec.tma else _aligned(t)) else t.contiguous()
-        for t in (p.k, p.v)
+        t if (t.is_contiguous() if spec.tma else aligned(t)) else t.contiguous() for t in (p.k, p.v)
     )
     if q is not p.q or k is not p.k or v is not p.v:
         p = dataclasses.replace(p, q=q, k=k, v=v)
     if out is None:
         out = torch.empty_like(p.q, memory_format=torch.contiguous_format)
-    elif not _aligned(out) or out.shape != p.q.shape:
+    elif not aligned(out) or out.shape != p.q.shape:
         raise ValueError("out: expected q's shape with 16-element-aligned strides")
     if lse is None and return_lse:
         lse = torch.empty(p.batch, p.heads, p.q_len, dtype=torch.float32, device=p.q.device)
-
-    def bhl(t: Tensor) -> tuple[int, int, int]:
-        sb, s1, s2, _ = t.stride()
-        return (sb, s2, s1) if p.layout == "BLHD" else (sb, s1, s2)
 
     m_tiles = triton.cdiv(p.q_len, spec.block_m)
     if m_tiles == 0 or p.batch * p.heads == 0:
@@ -161,8 +165,8 @@ def pbsa_triton(
         num_m_tiles=m_tiles,
         qk_scale=p.scale,
     )
-    values.update(zip(("stride_qb", "stride_qh", "stride_ql"), bhl(p.q), strict=True))
-    values.update(zip(("stride_ob", "stride_oh", "stride_ol"), bhl(out), strict=True))
+    values.update(zip(("stride_qb", "stride_qh", "stride_ql"), bhl_strides(p, p.q), strict=True))
+    values.update(zip(("stride_ob", "stride_oh", "stride_ol"), bhl_strides(p, out), strict=True))
     values.update(_kv_args(p, spec))
     grid = (m_tiles * p.batch * p.heads,) if spec.scheduled else (m_tiles, p.batch * p.heads)
     launch = {} if interpret else dict(num_warps=config.num_warps, num_stages=config.num_stages)

@@ -1,4 +1,8 @@
-"""`render(spec) -> str`: the Triton source of one PBSA kernel, from the Jinja2 template."""
+"""`render(spec, module) -> str`: the Triton source of a PBSA module, from a Jinja2 template.
+
+Two modules per spec: "fwd" (the forward kernel) and "bwd" (the backward's three kernels:
+delta = rowsum(dO·O), dQ, dK/dV). Both templates share the tile-load macros.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ import jinja2
 from codegen.spec import KernelSpec
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
-TEMPLATE = "pbsa_fwd.py.jinja"
+TEMPLATES = {"fwd": "pbsa_fwd.py.jinja", "bwd": "pbsa_bwd.py.jinja"}
+# The kernels of each module: the forward's one, the backward's three.
+KERNELS = {"fwd": ("fwd",), "bwd": ("bwd_delta", "bwd_dq", "bwd_dkdv")}
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,61 @@ def _args(kind: str, *names: str) -> tuple[KernelArg, ...]:
     return tuple(KernelArg(n, kind) for n in names)
 
 
+def module_of(kernel: str) -> str:
+    """The module ("fwd" | "bwd") that defines `kernel`."""
+    for module, kernels in KERNELS.items():
+        if kernel in kernels:
+            return module
+    known = [k for ks in KERNELS.values() for k in ks]
+    raise ValueError(f"kernel: expected one of {known}, got {kernel!r}")
+
+
+def kernel_name(spec: KernelSpec, kernel: str = "fwd") -> str:
+    """The generated function's name: the spec's name, suffixed for backward kernels."""
+    module_of(kernel)
+    return spec.name if kernel == "fwd" else f"{spec.name}_{kernel}"
+
+
+def _strides(t: str, dims: str = "bhl") -> tuple[str, ...]:
+    return tuple(f"stride_{t}{d}" for d in dims)
+
+
+def _backward_args(kernel: str) -> tuple[KernelArg, ...]:
+    # K/V (and dK/dV) are addressed as (batch, kv head, page, token) like the forward's.
+    kv = _args("stride", *(s for t in ("k", "v") for s in _strides(t, "bhpt")))
+    if kernel == "bwd_delta":
+        return (
+            _args("tensor", "Out", "DOut", "Delta")
+            + _args("stride", *_strides("o"), *_strides("do"))
+            + _args("int", "num_heads", "q_len")
+        )
+    if kernel == "bwd_dq":
+        return (
+            _args("tensor", "Q", "K", "V", "DOut", "Lse", "Delta", "DQ")
+            + _args("tensor", "NumBlocks", "Indices", "PageLens")
+            + _args("stride", *_strides("q"), *_strides("do"), *_strides("dq"))
+            + kv
+            + _args("int", "num_heads", "q_len", "kv_len", "num_pages", "num_q_blocks")
+            + _args("int", "max_blocks")
+            + _args("float", "qk_scale")
+        )
+    return (
+        _args("tensor", "Q", "K", "V", "DOut", "Lse", "Delta", "DK", "DV")
+        + _args("tensor", "Offsets", "Entries", "PageLens")
+        + _args("stride", *_strides("q"), *_strides("do"))
+        + kv
+        + _args("stride", *(s for t in ("dk", "dv") for s in _strides(t, "bhpt")))
+        + _args("int", "num_heads", "q_len", "kv_len", "num_pages", "num_q_blocks")
+        + _args("float", "qk_scale")
+    )
+
+
 @cache
-def kernel_args(spec: KernelSpec) -> tuple[KernelArg, ...]:
+def kernel_args(spec: KernelSpec, kernel: str = "fwd") -> tuple[KernelArg, ...]:
     """The kernel's runtime arguments in order: the one list that the template renders as
     the signature and the launcher fills by name (`call_args`)."""
+    if module_of(kernel) == "bwd":
+        return _backward_args(kernel)
     tensors = ("Q", "K", "V", "Out", "Lse", "NumBlocks", "Indices", "PageLens", "Schedule")
     qo = ("stride_qb", "stride_qh", "stride_ql", "stride_ob", "stride_oh", "stride_ol")
     if spec.tma:  # K/V rows of (batch, kv head) and the kv head's column in the 2-D views
@@ -54,14 +111,14 @@ def kernel_args(spec: KernelSpec) -> tuple[KernelArg, ...]:
     )
 
 
-def runtime_int_args(spec: KernelSpec) -> tuple[str, ...]:
+def runtime_int_args(spec: KernelSpec, kernel: str = "fwd") -> tuple[str, ...]:
     """Names of the int arguments Triton must not specialise on."""
-    return tuple(a.name for a in kernel_args(spec) if a.kind in ("int", "stride"))
+    return tuple(a.name for a in kernel_args(spec, kernel) if a.kind in ("int", "stride"))
 
 
-def call_args(spec: KernelSpec, values: Mapping[str, object]) -> list[object]:
+def call_args(spec: KernelSpec, values: Mapping[str, object], kernel: str = "fwd") -> list[object]:
     """`values` (argument name -> value) in the kernel's argument order."""
-    names = [a.name for a in kernel_args(spec)]
+    names = [a.name for a in kernel_args(spec, kernel)]
     if len(values) != len(names) or any(n not in values for n in names):
         raise ValueError(f"call_args: expected values for exactly {names}, got {sorted(values)}")
     return [values[n] for n in names]
@@ -79,27 +136,34 @@ def _environment() -> jinja2.Environment:
 
 
 @cache
-def template_fingerprint() -> str:
-    """Hash of everything besides the spec that shapes the generated source."""
-    h = hashlib.sha256((TEMPLATE_DIR / TEMPLATE).read_bytes())
+def template_fingerprint(module: str = "fwd") -> str:
+    """Hash of everything besides the spec that shapes the module's generated source (its
+    template, the shared macros, this renderer)."""
+    h = hashlib.sha256(module.encode())
+    for path in sorted(TEMPLATE_DIR.glob("*.jinja")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()
 
 
-def render(spec: KernelSpec) -> str:
-    """Complete Python module source defining `@triton.jit def <spec.name>(...)`."""
+def render(spec: KernelSpec, module: str = "fwd") -> str:
+    """Complete Python module source: "fwd" defines `@triton.jit def <spec.name>(...)`,
+    "bwd" the three backward kernels named by `kernel_name`."""
     if not isinstance(spec, KernelSpec):
         raise TypeError(f"spec: expected a KernelSpec, got {type(spec).__name__}")
+    if module not in TEMPLATES:
+        raise ValueError(f"module: expected one of {sorted(TEMPLATES)}, got {module!r}")
     # fp32 inputs keep fp32 accuracy (Triton would otherwise use tf32 on tensor cores).
     precision = ', input_precision="ieee"' if spec.dtype == "float32" else ""
     return (
         _environment()
-        .get_template(TEMPLATE)
+        .get_template(TEMPLATES[module])
         .render(
             spec=spec,
             spec_key=spec.key(),
             name=spec.name,
-            args=kernel_args(spec),
+            names={k: kernel_name(spec, k) for k in KERNELS[module]},
+            args={k: kernel_args(spec, k) for k in KERNELS[module]},
             dot_precision=precision,
         )
     )

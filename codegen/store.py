@@ -43,16 +43,20 @@ def width_bucket(n: int) -> int:
     return pow2 * 3 // 4 if pow2 >= 4 and pow2 * 3 // 4 >= n else pow2
 
 
-def tuning_key(p: Problem) -> str:
-    """Identity of a tuning result: device, versions, kernel structure, shape bucket.
+def tuning_key(p: Problem, kernel: str = "fwd") -> str:
+    """Identity of a tuning result: device, versions, kernel structure, shape bucket, and
+    which kernel ("fwd", or the backward's "bwd_dq" / "bwd_dkdv", tuned separately).
 
     Whether the LSE is written is left out: it adds one store per row after the kv loop and
     does not change which tiling wins, so a winner tuned with the LSE serves the runtime's
     calls without it (and the other way round)."""
     base = spec_for(p, _PROBE, return_lse=True)
     device = torch.cuda.get_device_name(p.q.device) if p.q.is_cuda else str(p.q.device)
+    # The forward's records keep the key they had before backward kernels existed.
+    which = {} if kernel == "fwd" else dict(kernel=kernel)
     return json.dumps(
         dict(
+            **which,
             device=device,
             torch=torch.__version__,
             triton=triton.__version__,
@@ -143,11 +147,11 @@ def save(key: str, config: LaunchConfig, ms: float) -> None:
     _hits.clear()
 
 
-def lookup(p: Problem) -> LaunchConfig | None:
-    """The persisted winner for this call's key, if any (read from disk once per process;
-    memoised per structure and shape bucket, since this runs on every call)."""
+def lookup(p: Problem, kernel: str = "fwd") -> LaunchConfig | None:
+    """The persisted winner of `kernel` for this call's key, if any (read from disk once per
+    process; memoised per structure and shape bucket, since this runs on every call)."""
     spec = spec_for(p, _PROBE, return_lse=True)
-    fast = (spec, p.q.device, next_pow2(p.q_len), width_bucket(p.max_blocks))
+    fast = (kernel, spec, p.q.device, next_pow2(p.q_len), width_bucket(p.max_blocks))
     if fast not in _hits:
-        _hits[fast] = _loaded().get(tuning_key(p))
+        _hits[fast] = _loaded().get(tuning_key(p, kernel))
     return _hits[fast]

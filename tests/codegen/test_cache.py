@@ -15,9 +15,9 @@ def fresh_cache(tmp_path, monkeypatch):
     calls = []
     real = cache.render
 
-    def counting_render(spec):
+    def counting_render(spec, *module):
         calls.append(spec)
-        return real(spec)
+        return real(spec, *module)
 
     monkeypatch.setattr(cache, "render", counting_render)
     return tmp_path, calls

@@ -1,0 +1,161 @@
+"""Launching the generated backward kernels: configs, the transposed table, strides, grids.
+
+Three launches per call: delta = rowsum(dO·O) per query row, dQ (one program per query tile,
+walking its table row) and dK/dV (one program per key tile of a page, walking the pairs of
+the transposed table). dQ and dK/dV are tuned separately (`codegen.tuning.autotune_backward`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+from torch import Tensor
+
+from codegen.config import LaunchConfig, backward_spec_for
+from codegen.launch import aligned, bhl_strides, memo_kernel, page_strides
+from codegen.problem import Problem
+from codegen.render import call_args, kernel_args
+from codegen.store import lookup
+from codegen.transpose import TransposedTable, transpose_table
+
+# Transposed tables keyed by the table tensors' identities and versions (one build per mask:
+# a forward's table is reused by its backward, and often by several layers).
+_tables: dict[tuple, TransposedTable] = {}
+
+
+def transposed(p: Problem) -> TransposedTable:
+    """The call's transposed table, memoised per table (except under CUDA-graph capture,
+    where it is part of the graph: a memoised tensor could be freed while the graph reads
+    it)."""
+    nb, idx = p.kv_num_blocks, p.kv_indices
+    capturing = nb.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (
+        *(t.data_ptr() for t in (nb, idx)),
+        *(t._version for t in (nb, idx)),
+        tuple(idx.shape),
+        p.kv_heads,
+        p.num_pages,
+    )
+    table = None if capturing else _tables.get(key)
+    if table is None:
+        table = transpose_table(nb, idx, kv_heads=p.kv_heads, num_pages=p.num_pages)
+        if not capturing:
+            if len(_tables) >= 16:
+                _tables.clear()
+            _tables[key] = table
+    return table
+
+
+def default_backward_configs(p: Problem, interpret: bool) -> tuple[LaunchConfig, LaunchConfig]:
+    """(dQ config, dK/dV config): the persisted winners for the call's bucket, else fixed
+    ones (the interpreter's are fixed: it times nothing)."""
+    if interpret:
+        tile = LaunchConfig(block_m=min(64, p.q_block), num_warps=4, num_stages=1)
+        return tile, tile
+    # Untuned: 64-row/64-key steps keep the fp32 accumulators (dQ; dK and dV) in registers
+    # at head_dim 128.
+    dq = lookup(p, "bwd_dq") or LaunchConfig(
+        block_m=min(128, p.q_block), num_warps=8, num_stages=2, block_n=64
+    )
+    dkdv = lookup(p, "bwd_dkdv") or LaunchConfig(
+        block_m=min(64, p.q_block), num_warps=4, num_stages=2, block_n=64
+    )
+    return dq, dkdv
+
+
+def _output(given: Tensor | None, like: Tensor, name: str) -> Tensor:
+    if given is None:
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    if given.shape != like.shape or given.dtype != like.dtype or not aligned(given):
+        raise ValueError(
+            f"{name}: expected shape {tuple(like.shape)}, dtype {like.dtype} and "
+            "16-element-aligned strides"
+        )
+    return given
+
+
+def pbsa_backward_triton(
+    p: Problem,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    *,
+    interpret: bool = False,
+    configs: tuple[LaunchConfig, LaunchConfig] | None = None,
+    dq: Tensor | None = None,
+    dk: Tensor | None = None,
+    dv: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from the generated kernels. `configs`: (dQ, dK/dV) launch configs
+    (default: `default_backward_configs`). dq/dk/dv may be given (e.g. poisoned, by tests):
+    every element is written."""
+    if not interpret and not p.q.is_cuda:
+        raise ValueError("backend='triton' needs CUDA tensors; use 'torch' or 'interpret'")
+    dq_config, dkdv_config = configs or default_backward_configs(p, interpret)
+    dq_spec = backward_spec_for(p, dq_config)
+    dkdv_spec = backward_spec_for(p, dkdv_config)
+
+    # The kernels assume 16-element-aligned strides: copy otherwise.
+    q, k, v, out, grad_out = (
+        t if aligned(t) else t.contiguous() for t in (p.q, p.k, p.v, out, grad_out)
+    )
+    if q is not p.q or k is not p.k or v is not p.v:
+        p = dataclasses.replace(p, q=q, k=k, v=v)
+    dq = _output(dq, p.q, "dq")
+    dk = _output(dk, p.k, "dk")
+    dv = _output(dv, p.v, "dv")
+    if p.batch * p.heads == 0 or p.q_len == 0:
+        return dq, dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    launch = {}
+
+    def options(config: LaunchConfig) -> dict:
+        return {} if interpret else dict(num_warps=config.num_warps, num_stages=config.num_stages)
+
+    qo = dict(num_heads=p.heads, q_len=p.q_len)
+    strides = {
+        f"stride_{t}{d}": s
+        for t, x in (("q", p.q), ("do", grad_out), ("o", out), ("dq", dq))
+        for d, s in zip("bhl", bhl_strides(p, x), strict=True)
+    }
+    kv = dict(K=p.k, V=p.v)
+    for t, x in (("k", p.k), ("v", p.v), ("dk", dk), ("dv", dv)):
+        kv.update(zip((f"stride_{t}{d}" for d in "bhpt"), page_strides(p, x), strict=True))
+    page_lens = p.page_lens.contiguous() if p.page_lens is not None else p.kv_num_blocks
+    common = dict(
+        Q=p.q,
+        DOut=grad_out,
+        Lse=lse,
+        Delta=delta,
+        PageLens=page_lens,  # read only when pages may be partial
+        kv_len=p.kv_len,
+        num_pages=p.num_pages,
+        num_q_blocks=p.num_q_blocks,
+        qk_scale=p.scale,
+        **qo,
+        **kv,
+    )
+
+    def run(spec, config, kernel: str, grid: tuple[int, int], values: dict) -> None:
+        fn = memo_kernel(spec, interpret, kernel)
+        picked = {a.name: values[a.name] for a in kernel_args(spec, kernel)}
+        fn[grid](*call_args(spec, picked, kernel), UPCAST=interpret, **options(config))
+
+    rows = triton.cdiv(p.q_len, dq_spec.block_m)
+    values = dict(common, **strides, Out=out, DQ=dq)
+    run(dq_spec, dq_config, "bwd_delta", (rows, p.batch * p.heads), values)
+    values.update(
+        NumBlocks=p.kv_num_blocks.contiguous(),
+        Indices=p.kv_indices.contiguous(),
+        max_blocks=p.max_blocks,
+    )
+    run(dq_spec, dq_config, "bwd_dq", (rows, p.batch * p.heads), values)
+    table = transposed(p)
+    values.update(DK=dk, DV=dv, Offsets=table.offsets, Entries=table.entries)
+    tiles = p.num_pages * (p.page_size // dkdv_spec.block_n)
+    if tiles:
+        run(dkdv_spec, dkdv_config, "bwd_dkdv", (tiles, p.batch * p.kv_heads), values)
+    return dq, dk, dv
