@@ -2,8 +2,9 @@
 
 Triton's @jit reads the kernel's source with inspect.getsource, so each kernel lives in a
 real file: `<cache dir>/kernels/<spec.name>_<hash>.py` (`..._bwd_<hash>.py` for the backward
-module), where the hash covers the spec, the templates (and renderer) and the Triton version. Files are written to a temporary name and
-moved into place with os.replace, so concurrent processes generating the same kernel are safe.
+module), where the hash covers the spec, the templates (and renderer) and the Triton version.
+Files are written to a temporary name and moved into place with os.replace, so concurrent
+processes generating the same kernel are safe.
 
 A cached file is trusted only after it is compared with a fresh render (cheap, once per file
 and process): a file damaged after it was written (cut short, edited) would otherwise compile

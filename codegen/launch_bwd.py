@@ -110,7 +110,6 @@ def pbsa_backward_triton(
         return dq, dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    launch = {}
 
     def options(config: LaunchConfig) -> dict:
         return {} if interpret else dict(num_warps=config.num_warps, num_stages=config.num_stages)
