@@ -54,13 +54,20 @@ def default_backward_configs(p: Problem, interpret: bool) -> tuple[LaunchConfig,
     if interpret:
         tile = LaunchConfig(block_m=min(64, p.q_block), num_warps=4, num_stages=1)
         return tile, tile
-    # Untuned: 64-row/64-key steps keep the fp32 accumulators (dQ; dK and dV) in registers
-    # at head_dim 128.
+    # Untuned: tiles that keep the fp32 accumulators (dQ; dK and dV) in registers: 64 keys
+    # a step at head_dim <= 128, half that (and half the rows) at 256.
+    wide = p.head_dim > 128
     dq = lookup(p, "bwd_dq") or LaunchConfig(
-        block_m=min(128, p.q_block), num_warps=8, num_stages=2, block_n=64
+        block_m=min(64 if wide else 128, p.q_block),
+        num_warps=8,
+        num_stages=2,
+        block_n=32 if wide else 64,
     )
     dkdv = lookup(p, "bwd_dkdv") or LaunchConfig(
-        block_m=min(64, p.q_block), num_warps=4, num_stages=2, block_n=64
+        block_m=min(32 if wide else 64, p.q_block),
+        num_warps=4,
+        num_stages=2,
+        block_n=32 if wide else 64,
     )
     return dq, dkdv
 

@@ -1,4 +1,5 @@
-"""Autotuner for the PBSA kernel: time candidate launch configs on a representative call.
+"""Autotuner for the PBSA kernels: time candidate launch configs on a representative call
+(`autotune` for the forward, `autotune_backward` for the backward's dQ and dK/dV kernels).
 
 The winner is persisted per key and shape bucket by `codegen.store` and reused by every
 later call (and process) of that bucket.
@@ -7,7 +8,7 @@ later call (and process) of that bucket.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import triton
 
 from codegen.config import LaunchConfig, supports_tma
 from codegen.launch import default_config, pbsa_triton
+from codegen.launch_bwd import default_backward_configs, pbsa_backward_triton
 from codegen.problem import Problem, validate
 from codegen.store import lookup, save, tuning_key
 
@@ -79,27 +81,41 @@ def autotune(
     key = tuning_key(p)
     if not force and (hit := lookup(p)) is not None:
         return hit
-    from tqdm.auto import tqdm
-
     candidates = list(configs) if configs is not None else candidate_configs(p)
     out = torch.empty_like(p.q, memory_format=torch.contiguous_format)
+    best, ms = _fastest(
+        candidates,
+        lambda config: pbsa_triton(p, return_lse=return_lse, config=config, out=out),
+        "autotune pbsa",
+        progress,
+    )
+    save(key, best, ms)
+    return best
+
+
+def _fastest(
+    candidates: list[LaunchConfig],
+    run: Callable[[LaunchConfig], object],
+    desc: str,
+    progress: bool,
+) -> tuple[LaunchConfig, float]:
+    """The candidate whose `run` is fastest, and its median ms. Candidates that fail to
+    compile or run are skipped."""
+    from tqdm.auto import tqdm
 
     def timed(config: LaunchConfig, rep: int) -> float:
         return triton.testing.do_bench(
-            lambda: pbsa_triton(p, return_lse=return_lse, config=config, out=out),
-            warmup=10,
-            rep=rep,
-            return_mode="median",
+            lambda: run(config), warmup=10, rep=rep, return_mode="median"
         )
 
     screened: list[tuple[float, LaunchConfig]] = []
-    for config in tqdm(candidates, desc="autotune pbsa", disable=not progress):
+    for config in tqdm(candidates, desc=desc, disable=not progress):
         try:
             screened.append((timed(config, rep=40), config))
         except Exception as err:  # a config this Triton/device cannot build: skip it
             tqdm.write(f"autotune: skipping {config}: {type(err).__name__}: {str(err)[:200]}")
     if not screened:
-        raise RuntimeError("autotune: no candidate config compiled and ran")
+        raise RuntimeError(f"{desc}: no candidate config compiled and ran")
     # One short timing per candidate lets noise pick among near-equal configs (measured: the
     # screened winner up to 5 % slower than the best): re-time the fastest few, interleaved
     # so that clock drift hits them alike, and keep the lowest median.
@@ -108,6 +124,69 @@ def autotune(
     for _ in range(FINAL_ROUNDS):
         for config in finalists:
             rounds[config].append(timed(config, rep=100))
-    best = min(((statistics.median(ms), c) for c, ms in rounds.items()), key=lambda t: t[0])
-    save(key, best[1], best[0])
-    return best[1]
+    ms, best = min(((statistics.median(ms), c) for c, ms in rounds.items()), key=lambda t: t[0])
+    return best, ms
+
+
+def backward_shared_memory_estimate(p: Problem, config: LaunchConfig, kernel: str) -> int:
+    """Bytes of shared memory of a backward kernel: the tiles held for the whole walk (dQ: q
+    and dO; dK/dV: k and v) and num_stages buffers of the two streamed tiles."""
+    block_m = min(config.block_m, p.q_block)
+    block_n = min(config.block_n or p.page_size, p.page_size)
+    held, streamed = (block_m, block_n) if kernel == "bwd_dq" else (block_n, block_m)
+    tiles = 2 * held * p.head_dim + config.num_stages * 2 * streamed * p.head_dim
+    return tiles * p.q.element_size()
+
+
+def backward_candidates(p: Problem, kernel: str, limit: int) -> list[LaunchConfig]:
+    """The backward search space of `kernel` ("bwd_dq" | "bwd_dkdv"), pruned by
+    divisibility and `limit` bytes of shared memory: query tiles dividing q_block, key
+    tiles dividing the page, 4 or 8 warps, 1-3 pipeline stages."""
+    if kernel == "bwd_dq":
+        rows, keys = (64, 128), (32, 64, 128)
+    else:  # the key tile is the program's; query rows are streamed
+        rows, keys = (16, 32, 64), (32, 64, 128)
+    rows = [m for m in rows if p.q_block % m == 0] or [p.q_block]
+    keys = [n for n in keys if p.page_size % n == 0] or [p.page_size]
+    configs = []
+    for block_m in rows:
+        for block_n in keys:
+            for warps in (4, 8):
+                for stages in (1, 2, 3):
+                    c = LaunchConfig(block_m, warps, stages, block_n=block_n)
+                    if backward_shared_memory_estimate(p, c, kernel) <= limit:
+                        configs.append(c)
+    return configs
+
+
+def autotune_backward(
+    *args: Any, force: bool = False, progress: bool = True, **kwargs: Any
+) -> tuple[LaunchConfig, LaunchConfig]:
+    """Pick the fastest (dQ, dK/dV) LaunchConfigs for backward calls shaped like this sample
+    (`pbsa_attention`'s arguments, less backend and return_lse; a representative table).
+
+    Each kernel is tuned with the other at its current default, timing the whole backward
+    (seeded random output gradient); the winners are persisted per kernel. Returns the
+    persisted winners unless `force`; on CPU the interpreter's fixed configs, untimed.
+    """
+    p = validate(*args, **kwargs)
+    if not p.q.is_cuda:
+        return default_backward_configs(p, interpret=True)
+    keys = {kernel: tuning_key(p, kernel) for kernel in ("bwd_dq", "bwd_dkdv")}
+    if not force and all(lookup(p, kernel) is not None for kernel in keys):
+        return default_backward_configs(p, interpret=False)
+    out, lse = pbsa_triton(p)
+    g = torch.Generator(device=p.q.device).manual_seed(0)
+    grad_out = torch.randn(p.q.shape, generator=g, device=p.q.device).to(p.q.dtype)
+    limit = torch.cuda.get_device_properties(p.q.device).shared_memory_per_block_optin
+    for slot, kernel in enumerate(keys):
+        fixed = default_backward_configs(p, interpret=False)
+
+        def run(config: LaunchConfig, slot: int = slot, fixed=fixed) -> object:
+            configs = (config, fixed[1]) if slot == 0 else (fixed[0], config)
+            return pbsa_backward_triton(p, out, lse, grad_out, configs=configs)
+
+        candidates = backward_candidates(p, kernel, limit)
+        best, ms = _fastest(candidates, run, f"autotune pbsa {kernel}", progress)
+        save(keys[kernel], best, ms)
+    return default_backward_configs(p, interpret=False)
