@@ -47,7 +47,7 @@ class RingFrameCache:
         self._slots: list[int | None] = []  # absolute frame held by each frame slot
         self._held = 0  # frames held (the slots that are not None)
         self._chunk_start: int | None = None
-        self._chunk_slot = 0  # first frame slot of the chunk being run
+        self._chunk_slots: list[int] = []  # the frame slots of the chunk being run
         self._tokens_per_frame = 0
         self._frames_per_chunk = 0
         self._frame_bytes = 0  # K and V of one frame, all layers
@@ -127,26 +127,23 @@ class RingFrameCache:
 
     def begin_chunk(self, start_frame: int, commit: bool) -> None:
         """Enter a pass over the chunk at ``start_frame``. Its frames go to the lowest free
-        frame slots (chosen once per chunk: its passes all write there)."""
+        frame slots (chosen once per chunk: its passes all write there), which with the held
+        frames always fill a prefix of the buffers for a `CachePolicy` (frames leave in
+        temporal order, and the buffers hold the most frames a chunk attends to)."""
         if start_frame != self._chunk_start:
-            free = [s for s, frame in enumerate(self._slots) if frame is None]
-            f = self._frames_per_chunk
-            first = free[0] if free else 0
-            if free[:f] != list(range(first, first + f)):
-                raise RuntimeError(
-                    f"the cache policy {self.policy} leaves no {f} consecutive free frame slots "
-                    f"for the chunk at frame {start_frame} (free: {free}); use a window whose "
-                    "frames after the sinks are a multiple of frames_per_chunk"
-                )
+            f, t = self._frames_per_chunk, self._tokens_per_frame
+            chunk = [s for s, frame in enumerate(self._slots) if frame is None][:f]
             used = {s for s, frame in enumerate(self._slots) if frame is not None}
-            if used | set(range(first, first + f)) != set(range(self._held + f)):
+            if len(chunk) < f or used.union(chunk) != set(range(self._held + f)):
                 raise RuntimeError(
-                    f"the frames held before the chunk at frame {start_frame} leave a gap in "
-                    "the attended prefix of the buffers"
+                    f"the cache policy {self.policy} leaves no prefix of the buffers for the "
+                    f"chunk at frame {start_frame} (free slots: {chunk}, held: {sorted(used)})"
                 )
-            self._chunk_start, self._chunk_slot = start_frame, first
-            # a kernel with the offset as its scalar argument: no host-device sync
-            torch.add(self._offsets, first * self._tokens_per_frame, out=self.write_index)
+            self._chunk_start, self._chunk_slots = start_frame, chunk
+            # frame j of the chunk goes to slot chunk[j]: kernels with the offset as their
+            # scalar argument, no host-device sync
+            for j, slot in enumerate(chunk):
+                torch.add(self._offsets[:t], slot * t, out=self.write_index[j * t : (j + 1) * t])
         self.committing = commit
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,7 +163,8 @@ class RingFrameCache:
             self._peak = max(self._peak, self.kv_bytes)
             f, start = self._frames_per_chunk, self._chunk_start
             slots = list(self._slots)
-            slots[self._chunk_slot : self._chunk_slot + f] = range(start, start + f)
+            for j, slot in enumerate(self._chunk_slots):
+                slots[slot] = start + j
             retained = set(self.policy.retained_frames(start + f, f))
             missing = retained.difference(slots)
             if missing:
