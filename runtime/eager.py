@@ -226,6 +226,41 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
+def check_chunk_call(
+    x: object,
+    start_frame: object,
+    commit: object,
+    *,
+    next_frame: int,
+    num_frames: int,
+    frames_per_chunk: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> int:
+    """The checks of a dense runner's pass (``ChunkRunner.__call__``) before it touches its
+    cache: ``start_frame`` an int equal to ``next_frame`` with the chunk inside
+    ``num_frames``, ``commit`` a bool, ``x`` a tensor of ``batch_size`` videos in ``dtype`` on
+    ``device`` (the reset's). Returns ``start_frame`` as an int."""
+    try:
+        start = operator.index(start_frame)
+    except TypeError:
+        raise TypeError(f"start_frame must be an int, got {type(start_frame).__name__}") from None
+    if not isinstance(commit, bool):
+        raise TypeError(f"commit must be a bool, got {type(commit).__name__}")
+    if start != next_frame:
+        raise ValueError(f"start_frame={start} but the next chunk starts at frame {next_frame}")
+    if start + frames_per_chunk > num_frames:
+        raise ValueError(f"start_frame={start} runs past num_frames={num_frames} given to reset")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.ndim >= 1 and x.shape[0] != batch_size:
+        raise ValueError(f"x has batch {x.shape[0]}, reset was for {batch_size}")
+    if x.dtype != dtype or not same_device(x.device, device):
+        raise ValueError(f"x is {x.dtype} on {x.device}, reset was for {dtype} on {device}")
+    return start
+
+
 class EagerRunner:
     """Runs `CausalWanModel` chunk by chunk with a dense KV cache (a `ChunkRunner`).
 
@@ -292,30 +327,17 @@ class EagerRunner:
         """
         if self._batch_size is None:
             raise RuntimeError("EagerRunner.reset(...) must be called before running chunks")
-        try:
-            start = operator.index(start_frame)
-        except TypeError:
-            raise TypeError(
-                f"start_frame must be an int, got {type(start_frame).__name__}"
-            ) from None
-        if not isinstance(commit, bool):
-            raise TypeError(f"commit must be a bool, got {type(commit).__name__}")
-        if start != self._next_frame:
-            raise ValueError(
-                f"start_frame={start} but the next chunk starts at frame {self._next_frame}"
-            )
-        if start + self.frames_per_chunk > self._num_frames:
-            raise ValueError(
-                f"start_frame={start} runs past num_frames={self._num_frames} given to reset"
-            )
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
-        if x.ndim >= 1 and x.shape[0] != self._batch_size:
-            raise ValueError(f"x has batch {x.shape[0]}, reset was for {self._batch_size}")
-        if x.dtype != self._dtype or not same_device(x.device, self._device):
-            raise ValueError(
-                f"x is {x.dtype} on {x.device}, reset was for {self._dtype} on {self._device}"
-            )
+        start = check_chunk_call(
+            x,
+            start_frame,
+            commit,
+            next_frame=self._next_frame,
+            num_frames=self._num_frames,
+            frames_per_chunk=self.frames_per_chunk,
+            batch_size=self._batch_size,
+            dtype=self._dtype,
+            device=self._device,
+        )
         slots = self.cache.begin_chunk(start, commit)
         try:
             out = self.model.forward_cached(x, timestep, context, start, slots)

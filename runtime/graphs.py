@@ -48,12 +48,19 @@ class PassGraphs:
 
     max_graphs: graphs kept (least recently used dropped first). A rollout's steady state
         needs two (denoise, commit); the chunks before it need two each.
+    warm_per_key: run the first pass of every key eagerly, then capture it at once (its
+        result is the eager one). For work whose first call at a new shape must not happen
+        under capture (cuDNN builds its execution plans then); the pass must be idempotent
+        (the next replay repeats its device work).
     """
 
-    def __init__(self, max_graphs: int = 64):
+    def __init__(self, max_graphs: int = 64, *, warm_per_key: bool = False):
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
+        if not isinstance(warm_per_key, bool):
+            raise TypeError(f"warm_per_key must be a bool, got {type(warm_per_key).__name__}")
         self.max_graphs = max_graphs
+        self.warm_per_key = warm_per_key
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._warm: set[tuple] = set()
         self._memory = None  # the shared pool and capture stream, made at the first capture
@@ -95,10 +102,12 @@ class PassGraphs:
             self.replays += 1
             after_replay()
             return entry.output.clone()
-        warm = (phase, metas)
+        warm = key if self.warm_per_key else (phase, metas)
         if warm not in self._warm:
             output = pass_fn(*inputs)
             self._warm.add(warm)  # only after a pass that succeeded eagerly
+            if self.warm_per_key:
+                self._capture(key, pass_fn, inputs, before_capture, replay=False)
             return output
         return self._capture(key, pass_fn, inputs, before_capture).output.clone()
 
@@ -108,6 +117,7 @@ class PassGraphs:
         pass_fn: Callable[..., Tensor],
         inputs: tuple[Tensor, ...],
         before_capture: Callable[[], None],
+        replay: bool = True,
     ) -> _Graph:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
@@ -120,7 +130,8 @@ class PassGraphs:
         with torch.cuda.graph(graph, pool=self._memory, stream=self._stream):
             output = pass_fn(*static)
         # the capture recorded the work without running it (its host side effects ran)
-        graph.replay()
+        if replay:
+            graph.replay()
         self.captures += 1
         entry = self._graphs[key] = _Graph(graph, static, output)
         return entry

@@ -1,0 +1,231 @@
+"""`CompiledDenseRunner`: Self-Forcing's dense rollout made as fast as a speed-minded user
+would make it — the strongest dense baseline (`bench.rollout`'s ``dense_compiled``).
+
+What it does beyond `runtime.eager.EagerRunner` (same model, same frames attended):
+
+* the cache is a `runtime.ring_cache.RingFrameCache`: fixed buffers, a chunk written in
+  place where the dropped frames were (no compaction copies; every address stays put);
+* each layer's self-attention (the cache write and SDPA on the attended prefix) runs eagerly
+  on a chosen SDPA backend (cuDNN by default); everything else of each block is under
+  ``torch.compile`` (one compiled code shared by the blocks, weights as inputs);
+* on CUDA every pass is replayed from a CUDA graph (``runtime.graphs.PassGraphs``), one per
+  attended length: 7 for Self-Forcing's 21-frame window (6 while it fills, then one for the
+  steady state; the denoising and the commit passes do the same device work).
+
+The user's model is not modified: the runner holds a structural copy whose parameters and
+buffers are the model's own tensors (no weight memory is duplicated).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from patterns import CachePolicy
+from runtime.checks import check_reset_args
+from runtime.eager import SELF_FORCING_WINDOW_FRAMES, check_chunk_call
+from runtime.graphs import PassGraphs
+from runtime.model import CausalWanModel
+from runtime.ring_cache import RingFrameCache
+
+__all__ = ["SDPA_BACKENDS", "CompiledDenseRunner"]
+
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "auto")
+
+
+def _sdpa_backends(name: str) -> list | None:
+    """The `torch.nn.attention.SDPBackend`s of a backend name (None: PyTorch's choice)."""
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "cudnn": [SDPBackend.CUDNN_ATTENTION],
+        "flash": [SDPBackend.FLASH_ATTENTION],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+        "auto": None,
+    }[name]
+
+
+class _RingAttention(nn.Module):
+    """Layer ``layer``'s self-attention over the ring cache: writes the chunk's k, v, then
+    the model's own attention spelling over the attended prefix.
+
+    Kept out of ``torch.compile``: the write is an in-place copy into a buffer the compiler
+    must not functionalise (it would copy the whole cache), and SDPA runs on the backend
+    chosen here, not the one the compiler happened to trace.
+    """
+
+    def __init__(self, cache: RingFrameCache, layer: int, attend: nn.Module, backend: str):
+        super().__init__()
+        self.cache, self.layer, self.attend = cache, layer, attend
+        self._backends = _sdpa_backends(backend)
+
+    @torch.compiler.disable
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        if attn_mask is not None:
+            raise ValueError("attn_mask: the cached chunk form takes no mask")
+        k, v = self.cache.write(self.layer, k, v)
+        if self._backends is None or not q.is_cuda:
+            return self.attend(q, k, v)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self._backends):
+            return self.attend(q, k, v)
+
+
+def _bind(model: CausalWanModel, cache: RingFrameCache, backend: str) -> CausalWanModel:
+    """A copy of ``model``'s modules sharing its parameters and buffers, whose layer i
+    self-attention is a `_RingAttention` of layer i."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    bound = copy.deepcopy(model, shared)
+    for i, block in enumerate(bound.blocks):
+        block.self_attn.attn = _RingAttention(cache, i, block.self_attn.attn, backend)
+    return bound
+
+
+class CompiledDenseRunner:
+    """A ``ChunkRunner`` of ``model`` with Self-Forcing's dense cache, compiled and graphed.
+
+    policy: the frames kept (a `patterns.CachePolicy` without persistent memory; default
+        Self-Forcing's 21-frame window, the global cache while a video fits it).
+    compile: ``torch.compile`` each block (all but its self-attention); compile_options go
+        to ``torch.compile``. cuda_graphs: replay passes on CUDA as CUDA graphs.
+    sdpa_backend: one of ``SDPA_BACKENDS`` for the self-attention ("auto": PyTorch's pick).
+
+    Chunks must come in order, as for `EagerRunner`; a rejected call raises before touching
+    the cache. Outputs equal `EagerRunner`'s up to rounding (the keys are attended in slot
+    order, not frame order).
+    """
+
+    def __init__(
+        self,
+        model: CausalWanModel,
+        policy: CachePolicy | None = None,
+        *,
+        compile: bool = True,
+        cuda_graphs: bool = True,
+        sdpa_backend: str = "cudnn",
+        compile_options: dict | None = None,
+    ):
+        if not isinstance(model, CausalWanModel):
+            raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
+        for name, value in (("compile", compile), ("cuda_graphs", cuda_graphs)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        if sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}, got {sdpa_backend!r}")
+        policy = CachePolicy(SELF_FORCING_WINDOW_FRAMES) if policy is None else policy
+        self.model = model
+        self.cache = RingFrameCache(policy)
+        self.sdpa_backend = sdpa_backend
+        self.cuda_graphs = cuda_graphs
+        self.graphs = PassGraphs(warm_per_key=True)
+        self._bound = _bind(model, self.cache, sdpa_backend)
+        if compile:
+            for block in self._bound.blocks:
+                block.compile(**(compile_options or {}))
+        self._start: Tensor | None = None  # the chunk's first frame, int64 on the device
+        self._batch_size: int | None = None
+        self._device: torch.device | None = None
+        self._dtype: torch.dtype | None = None
+        self._num_frames = 0
+        self._next_frame = 0
+
+    @property
+    def frames_per_chunk(self) -> int:
+        return self.model.config.frames_per_chunk
+
+    @property
+    def max_frames(self) -> int:
+        """The most frames a rollout may span: the model's (its RoPE table)."""
+        return self.model.config.max_frames
+
+    @property
+    def next_frame(self) -> int:
+        return self._next_frame
+
+    @property
+    def current_kv_bytes(self) -> int:
+        return self.cache.kv_bytes
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        return self.cache.peak_kv_bytes
+
+    def reset(self, batch_size: int, device, dtype: torch.dtype, num_frames: int) -> None:
+        """Empty the cache for a rollout of ``num_frames`` frames of ``batch_size`` videos.
+        Buffers (and the CUDA graphs over them) are kept when the layout repeats. A rejected
+        call changes nothing."""
+        cfg = self.model.config
+        check_reset_args(batch_size, dtype, num_frames, cfg.frames_per_chunk, self.max_frames)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        like = torch.empty((), device=device, dtype=dtype).expand(
+            batch_size, cfg.num_kv_heads, cfg.head_dim
+        )
+        before = self.cache.buffer_addresses()
+        self.cache.reset(
+            cfg.num_layers, cfg.tokens_per_frame, cfg.frames_per_chunk, num_frames, like
+        )
+        if self._start is None or self._start.device != device:
+            self._start = torch.zeros((), dtype=torch.int64, device=device)
+            self.graphs.clear()
+        if self.cache.buffer_addresses() != before:
+            self.graphs.clear()  # captured over buffers that are gone
+        self._batch_size, self._device, self._dtype = batch_size, device, dtype
+        self._num_frames, self._next_frame = num_frames, 0
+
+    def __call__(
+        self, x: Tensor, timestep: Tensor, context: Tensor, start_frame: int, commit: bool
+    ) -> Tensor:
+        """Flow prediction for the chunk x ``[B, C, F, H, W]`` at ``start_frame`` (as
+        `EagerRunner.__call__`); ``commit`` keeps the chunk's K/V in the cache."""
+        if self._batch_size is None:
+            raise RuntimeError(
+                "CompiledDenseRunner.reset(...) must be called before running chunks"
+            )
+        start = check_chunk_call(
+            x,
+            start_frame,
+            commit,
+            next_frame=self._next_frame,
+            num_frames=self._num_frames,
+            frames_per_chunk=self.frames_per_chunk,
+            batch_size=self._batch_size,
+            dtype=self._dtype,
+            device=self._device,
+        )
+        self.cache.begin_chunk(start, commit)
+        try:
+            out = self._pass(x, timestep, context, start)
+        except BaseException:
+            self.cache.end_chunk(ok=False)
+            raise
+        self.cache.end_chunk(ok=True)
+        if commit:
+            self._next_frame += self.frames_per_chunk
+        return out
+
+    def _pass(self, x: Tensor, timestep: Tensor, context: Tensor, start: int) -> Tensor:
+        graphed = self.cuda_graphs and x.is_cuda and timestep.is_cuda and context.is_cuda
+        if not graphed:
+            return self._bound(x, timestep, context, start)
+        # RoPE reads the chunk's position from the device, so one graph serves every chunk
+        # that attends to as many tokens (denoising and commit passes alike)
+        self._start.fill_(start)
+        return self.graphs.run(
+            "pass",
+            self.cache.attended_tokens,
+            lambda *inputs: self._bound(*inputs, self._start),
+            (x, timestep, context),
+            before_capture=lambda: None,
+            after_replay=lambda: None,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledDenseRunner({self.cache!r}, sdpa_backend={self.sdpa_backend!r}, "
+            f"cuda_graphs={self.cuda_graphs})"
+        )
