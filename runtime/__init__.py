@@ -4,6 +4,7 @@ from runtime.attention_runtime import AttentionRuntime, StatefulRunner
 from runtime.attention_state import AttentionState
 from runtime.bidirectional import FullSequenceAttention
 from runtime.checkpoints import CheckpointError, load_causal_wan
+from runtime.clip_attention import ClipAttention
 from runtime.eager import EagerRunner, GlobalCache, RollingCache, self_forcing_cache
 from runtime.model import CausalWanModel
 from runtime.model_config import WanConfig, wan_parameter_count
@@ -15,6 +16,7 @@ __all__ = [
     "AttentionRuntime",
     "AttentionState",
     "CheckpointError",
+    "ClipAttention",
     "FullSequenceAttention",
     "PagePool",
     "StatefulRunner",

@@ -16,6 +16,12 @@ Two spellings of the same visibility: on CUDA each block's `self_attn.attn` is s
 `BlockMaskAttention`, compiled `flex_attention` with a `BlockMask` built in block space by
 `create_block_mask` (no dense L×L mask on the GPU); elsewhere the model's `attn_mask` path
 with the dense bool mask of `block_causal_mask` (small CPU cases: tests).
+
+With a sparse pattern (`attention="pbsa"`) each block's `self_attn.attn` becomes a
+`runtime.ClipAttention`: per layer, per call, the block table the cached rollout of that
+pattern would use for these q/k (`patterns.training_table.clip_table`: persistent set from
+the frames that left the window, top-K inside it, own frames), run by `codegen.pbsa_attention`
+over the contiguous K/V. `Dense()` gives exactly the dense visibility above.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from patterns import BlockScorer, Pattern, VideoGeometry
+from runtime.clip_attention import ClipAttention
 from runtime.model import CausalWanModel
 
-ATTENTION_PATHS = ("auto", "dense", "flex")
+ATTENTION_PATHS = ("auto", "dense", "flex", "pbsa")
 
 
 def _visible(q_frame: Tensor, k_frame: Tensor, clip_frames: int, frames_per_chunk: int) -> Tensor:
@@ -117,35 +125,90 @@ class TeacherForcing(nn.Module):
     `attention="flex"` swaps every block's `self_attn.attn` of `model` for a
     `BlockMaskAttention` (in place; the swapped modules hold no parameters, so the
     state_dict is unchanged); `"dense"` passes the dense mask through the model's
-    `attn_mask`; `"auto"` is flex on CUDA and dense elsewhere. `device` is where the mask
-    lives (the model's device).
+    `attn_mask`; `"auto"` is flex on CUDA and dense elsewhere, or `"pbsa"` when a `pattern`
+    is given. `device` is where the mask lives (the model's device).
+
+    `attention="pbsa"` (needs `pattern` and `geometry`, e.g. `world.quality.world_geometry`)
+    swaps in a `runtime.ClipAttention` per block (in place; no parameters either): the
+    pattern's rollout visibility, scored by `scorers[i]` for layer i (None: identity
+    scorers; kept here, not in the model), run by `codegen.pbsa_attention` on `backend`.
     """
 
     def __init__(
-        self, model: CausalWanModel, clip_frames: int, *, attention: str = "auto", device=None
+        self,
+        model: CausalWanModel,
+        clip_frames: int,
+        *,
+        attention: str = "auto",
+        device=None,
+        pattern: Pattern | None = None,
+        geometry: VideoGeometry | None = None,
+        scorers: list[BlockScorer] | None = None,
+        backend: str = "auto",
     ):
         super().__init__()
         if not isinstance(model, CausalWanModel):
             raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
         if attention not in ATTENTION_PATHS:
             raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {attention!r}")
+        if (attention == "pbsa") != (pattern is not None) and attention != "auto":
+            raise ValueError(
+                f"attention={attention!r}: a pattern goes with attention 'pbsa' (or 'auto') only"
+            )
         cfg = model.config
         _check_clip(clip_frames, cfg.frames_per_chunk)
         device = torch.device("cpu" if device is None else device)
         if attention == "auto":
-            attention = "flex" if device.type == "cuda" else "dense"
+            attention = (
+                "pbsa" if pattern is not None else "flex" if device.type == "cuda" else "dense"
+            )
         self.model, self.clip_frames, self.attention = model, clip_frames, attention
         self.register_buffer(
             "frame_positions", torch.arange(clip_frames, device=device).repeat(2), persistent=False
         )
         self.dense_mask: Tensor | None = None
         args = (clip_frames, cfg.frames_per_chunk, cfg.tokens_per_frame)
-        if attention == "flex":
+        if attention == "pbsa":
+            self._swap_clip_attention(pattern, geometry, scorers, backend)
+        elif attention == "flex":
             block_mask = teacher_forcing_block_mask(*args, device=device)
             for block in model.blocks:
                 block.self_attn.attn = BlockMaskAttention(block_mask)
         else:
             self.dense_mask = block_causal_mask(*args, device=device)
+
+    def _swap_clip_attention(
+        self,
+        pattern: Pattern,
+        geometry: VideoGeometry | None,
+        scorers: list[BlockScorer] | None,
+        backend: str,
+    ) -> None:
+        cfg = self.model.config
+        if not isinstance(geometry, VideoGeometry):
+            raise ValueError(f"geometry: a VideoGeometry goes with a pattern, got {geometry!r}")
+        if (geometry.tokens_per_frame, geometry.frames_per_chunk) != (
+            cfg.tokens_per_frame,
+            cfg.frames_per_chunk,
+        ):
+            raise ValueError(
+                f"geometry {geometry} does not match the model's frames "
+                f"({cfg.tokens_per_frame} tokens, {cfg.frames_per_chunk} per chunk)"
+            )
+        if scorers is not None and len(scorers) != cfg.num_layers:
+            raise ValueError(f"scorers: one per layer ({cfg.num_layers}), got {len(scorers)}")
+        self.scorers = None if scorers is None else nn.ModuleList(scorers)
+        for i, block in enumerate(self.model.blocks):
+            block.self_attn.attn = ClipAttention(
+                pattern,
+                geometry,
+                self.clip_frames,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                scorer=None if scorers is None else scorers[i],
+                backend=backend,
+            )
 
     def forward(self, clean: Tensor, noisy: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
         """Flow prediction [B, C_out, F, H, W] for the noisy half.

@@ -4,6 +4,17 @@
     python -m world.train --out runs/world --time-budget 480 --compile --resume
     python -m world.train --export runs/world                               # -> world/weights
 
+Fine-tuning with a sparse pattern in the loop (Sparse Forcing's "train and infer alike"):
+
+    python -m world.train --out runs/ft --init-from world/weights --pattern persistent_local \
+        --scorer learned --clip-frames 36 --steps 1000 --lr 1e-4 --warmup 50
+    python -m world.train --export runs/ft --weights-out runs/ft/weights
+
+`--pattern` names a contender of `world.quality` (default `dense`): each layer then attends,
+block-causally over the clip, exactly as the cached rollout of that pattern would
+(`world.teacher_forcing`, attention "pbsa"). `--clip-frames` lengthens the clips so that
+frames leave the pattern's window inside one (the world's patterns hold 6-9 frames).
+
 A run writes `OUT/checkpoint/` (index + size-capped shards: model, EMA, optimizer, schedule,
 step, loss log), `OUT/loss_log.jsonl` and `OUT/loss_curve.png` every `--checkpoint-every`
 steps and when it stops. `--resume` continues exactly: the recipe (preset, steps, batch,
@@ -22,7 +33,7 @@ import torch
 from runtime.model_config import WanConfig
 from world.checkpoint import has_checkpoint, load_checkpoint_meta
 from world.scenes import DEFAULT_WORLD, TRAIN_FRAMES, WorldConfig
-from world.trainer import Recipe, Trainer, TrainPreset
+from world.trainer import SCORERS, Recipe, Trainer, TrainPreset
 from world.weights import WEIGHTS_DIR, export_weights
 
 TRAIN_PRESETS: dict[str, TrainPreset] = {
@@ -81,6 +92,9 @@ RECIPE_FLAGS = (
     "eval_every",
     "checkpoint_every",
     "eval_clips",
+    "pattern",
+    "scorer",
+    "clip_frames",
 )
 
 
@@ -105,6 +119,11 @@ def check_recipe(recipe: Recipe) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if not 0 <= recipe.ema_decay < 1 or recipe.weight_decay < 0:
         raise ValueError("--ema-decay must be in [0, 1) and --weight-decay >= 0")
+    clip = recipe.clip_frames
+    if clip is not None and (not isinstance(clip, int) or clip < 1):
+        raise ValueError(f"--clip-frames must be a positive int, got {clip!r}")
+    if recipe.scorer not in SCORERS:
+        raise ValueError(f"--scorer must be one of {SCORERS}, got {recipe.scorer!r}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,8 +143,28 @@ def _parser() -> argparse.ArgumentParser:
         ("eval-every", int),
         ("checkpoint-every", int),
         ("eval-clips", int),
+        ("clip-frames", int),
     ):
         p.add_argument(f"--{flag}", type=kind, default=None, help="recipe (default: preset's)")
+    p.add_argument(
+        "--pattern",
+        default=None,
+        help="recipe: train with this attention pattern in the loop, a contender of "
+        "world.quality (e.g. persistent_local; default dense)",
+    )
+    p.add_argument(
+        "--scorer",
+        choices=SCORERS,
+        default=None,
+        help="recipe: the pattern's block scorer (learned: world/weights/scorers.safetensors, "
+        "frozen); default identity",
+    )
+    p.add_argument(
+        "--attention-backend",
+        choices=("auto", "torch", "triton"),
+        default="auto",
+        help="pbsa backend of a sparse pattern (auto: triton on CUDA, torch elsewhere)",
+    )
     p.add_argument(
         "--time-budget",
         type=float,
@@ -201,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"world.train: {checkpoint} exists; pass --resume or another --out")
         recipe = make_recipe(args.preset or "world", **flags)
     check_recipe(recipe)
-    trainer = Trainer(recipe, TRAIN_PRESETS[recipe.preset], device, compile=args.compile)
+    trainer = Trainer(
+        recipe,
+        TRAIN_PRESETS[recipe.preset],
+        device,
+        compile=args.compile,
+        attention_backend=args.attention_backend,
+    )
     if args.resume:
         trainer.load(checkpoint)
     elif args.init_from is not None:

@@ -23,12 +23,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from patterns import Dense, Pattern, VideoGeometry
 from runtime.model import CausalWanModel
 from runtime.model_config import WanConfig
 from world.checkpoint import load_checkpoint, save_checkpoint
 from world.files import atomic_write, atomic_write_bytes
 from world.latent import frames_to_latents
+from world.quality import contenders, world_geometry
 from world.scenes import TRAIN_SEEDS, WorldConfig, heldout_seeds, render
+from world.scorers import load_world_scorer, scorer_host
 from world.teacher_forcing import TeacherForcing, flow_matching_loss, sample_sigmas
 
 EVAL_NOISE_SEED = 20_240_601  # fixed noise and noise levels of the held-out eval
@@ -60,6 +63,24 @@ class Recipe:
     eval_every: int = 500
     checkpoint_every: int = 500
     eval_clips: int = 64
+    pattern: str = "dense"  # the attention trained with: "dense" or a quality contender's
+    scorer: str = "identity"  # the pattern's block scorer: "identity" or "learned" (frozen)
+    clip_frames: int | None = None  # None: the preset's
+
+
+SCORERS = ("identity", "learned")
+
+
+def training_pattern(name: str, geometry: VideoGeometry) -> Pattern | None:
+    """The pattern of the quality contender called `name` (`world.quality.contenders`), or
+    None for "dense" (the dense teacher-forcing pass)."""
+    if name == "dense":
+        return None
+    named = {c.name: c for c in contenders(geometry, learned=False)}
+    if name not in named:
+        raise ValueError(f"--pattern must be one of {sorted(named)}, got {name!r}")
+    c = named[name]
+    return c.pattern if c.pattern is not None else Dense(window_frames=c.cache_frames)
 
 
 def mixed_seed(*parts: int) -> int:
@@ -87,15 +108,27 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
 class Trainer:
     """Model, EMA copy, optimizer and schedule of one training run on `device`."""
 
-    def __init__(self, recipe: Recipe, preset: TrainPreset, device, *, compile: bool = False):
+    def __init__(
+        self,
+        recipe: Recipe,
+        preset: TrainPreset,
+        device,
+        *,
+        compile: bool = False,
+        attention_backend: str = "auto",
+    ):
+        """`attention_backend`: the `codegen.pbsa_attention` backend of a sparse pattern
+        ("auto": triton on CUDA, which needs its differentiable form; "torch": autograd
+        through the gather-based reference)."""
         self.recipe, self.preset = recipe, preset
         self.device = torch.device(device)
         config = dataclasses.replace(preset.model, seed=recipe.seed)
         self.model = CausalWanModel(config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        clip = preset.clip_frames
-        self.teacher = TeacherForcing(self.model, clip, device=self.device)
-        self.ema_teacher = TeacherForcing(self.ema, clip, device=self.device)
+        self.clip_frames = recipe.clip_frames or preset.clip_frames
+        self.teacher, self.ema_teacher = (
+            self._teacher(m, attention_backend) for m in (self.model, self.ema)
+        )
         self.forward = torch.compile(self.teacher) if compile else self.teacher
         cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -112,6 +145,30 @@ class Trainer:
         self.card = torch.cuda.get_device_name(self.device) if cuda else "cpu"
         self.context = torch.zeros(recipe.batch, 1, config.text_dim, device=self.device)
         self._eval_batches: list[tuple[Tensor, Tensor, Tensor]] | None = None
+
+    def _teacher(self, model: CausalWanModel, backend: str) -> TeacherForcing:
+        """The teacher-forcing pass of `model` with the recipe's attention."""
+        r = self.recipe
+        geometry = world_geometry(model)
+        pattern = training_pattern(r.pattern, geometry)
+        if r.scorer not in SCORERS:
+            raise ValueError(f"--scorer must be one of {SCORERS}, got {r.scorer!r}")
+        if pattern is None:
+            return TeacherForcing(model, self.clip_frames, device=self.device)
+        scorers = None
+        if r.scorer == "learned":
+            host = scorer_host(model, geometry)
+            load_world_scorer(host)
+            scorers = [s.scorer.requires_grad_(False).to(self.device) for s in host.states]
+        return TeacherForcing(
+            model,
+            self.clip_frames,
+            device=self.device,
+            pattern=pattern,
+            geometry=geometry,
+            scorers=scorers,
+            backend=backend,
+        )
 
     def init_from(self, folder: Path) -> str:
         """Copy verified exported weights into the model and its EMA (before step 0); returns
@@ -139,14 +196,14 @@ class Trainer:
 
     def _clips(self, seeds: list[int]) -> Tensor:
         frames = render(
-            seeds, self.preset.clip_frames, config=self.preset.world, device=self.device
+            seeds, self.clip_frames, config=self.preset.world, device=self.device
         ).frames
         return frames_to_latents(frames)  # [B, 12, F, h, w]
 
     def _noise(self, clean: Tensor, seed: int) -> tuple[Tensor, Tensor]:
         self.generator.manual_seed(seed)
         noise = torch.randn(clean.shape, generator=self.generator, device=self.device)
-        chunks = self.preset.clip_frames // self.model.config.frames_per_chunk
+        chunks = self.clip_frames // self.model.config.frames_per_chunk
         return noise, sample_sigmas(clean.shape[0], chunks, generator=self.generator)
 
     def _autocast(self):
@@ -287,7 +344,11 @@ class Trainer:
     def load(self, folder: Path) -> None:
         """Restore the state saved by `save` in `folder` (a run's `out/checkpoint`)."""
         step, tensors, meta = load_checkpoint(folder)
-        if meta.get("recipe") != dataclasses.asdict(self.recipe):
+        try:  # fields added since keep their defaults in older checkpoints
+            saved = Recipe(**meta.get("recipe", {}))
+        except TypeError:
+            saved = None
+        if saved != self.recipe:
             raise ValueError(f"{folder}: the checkpoint was made by another recipe")
 
         def part(prefix: str) -> dict[str, Tensor]:

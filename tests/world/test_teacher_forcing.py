@@ -6,6 +6,8 @@ import copy
 import pytest
 import torch
 
+from patterns import Dense, PersistentLocal, VideoGeometry
+from runtime import reference_runner
 from runtime.eager import EagerRunner
 from runtime.model import CausalWanModel
 from runtime.model_config import WanConfig
@@ -112,3 +114,84 @@ def test_generate_with_prefix_equals_teacher_forcing(tiny64):
     assert out.shape == (2, 4, CLIP, 16, 16)
     assert torch.equal(out[:, :, :6], clean[:, :, :6])
     torch.testing.assert_close(out[:, :, 6:], noise.double() - flow[:, :, 6:], atol=1e-10, rtol=0)
+
+
+# -- sparse visibility (attention="pbsa") ---------------------------------------------------
+
+GEOMETRY = VideoGeometry(tokens_per_frame=64, frames_per_chunk=3, page_size=32, q_block=32)
+SPARSE = PersistentLocal(persistent_blocks=2, window_frames=6, local_topk=3)
+
+
+def _noisy_inputs(clean, eps, sigmas):
+    sigma = torch.tensor(sigmas, dtype=clean.dtype).repeat_interleave(3)
+    noisy = (1 - sigma[:, None, None]) * clean + sigma[:, None, None] * eps
+    return noisy, (1000 * sigma).expand(clean.shape[0], -1).float()
+
+
+@pytest.fixture(scope="module")
+def tiny32(tiny64):
+    model, clean, eps, context = tiny64
+    return copy.deepcopy(model).float(), clean.float(), eps.float(), context.float()
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_pbsa_dense_pattern_equals_the_dense_pass_and_its_gradients(tiny32):
+    model, clean, eps, context = tiny32
+    noisy, t = _noisy_inputs(clean, eps, [0.9, 0.5, 0.2])
+    outs, grads = [], []
+    for kwargs in ({"attention": "dense"}, {"pattern": Dense(), "geometry": GEOMETRY}):
+        m = copy.deepcopy(model).train()
+        out = TeacherForcing(m, CLIP, **kwargs)(clean, noisy, t, context)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append(_grads(m))
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=2e-5)
+    assert sorted(grads[1]) == sorted(grads[0]) and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_pbsa_sparse_pass_trains_and_keeps_the_state_dict(tiny32):
+    model, clean, eps, context = tiny32
+    m = copy.deepcopy(model).train()
+    keys = sorted(m.state_dict())
+    noisy, t = _noisy_inputs(clean, eps, [0.9, 0.5, 0.2])
+    sparse = TeacherForcing(m, CLIP, pattern=SPARSE, geometry=GEOMETRY)
+    assert sparse.attention == "pbsa" and sorted(m.state_dict()) == keys
+    out = sparse(clean, noisy, t, context)
+    dense = TeacherForcing(copy.deepcopy(model), CLIP, attention="dense")(clean, noisy, t, context)
+    assert (out - dense).abs().max() > 1e-3  # the pattern hides pages
+    out.square().mean().backward()
+    grads = _grads(m)
+    assert len(grads) == len(list(m.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert grads["blocks.0.self_attn.q.weight"].abs().sum() > 0
+
+
+def test_pbsa_sparse_pass_equals_the_sparse_cached_rollout(tiny32):
+    """Noisy chunk i of the sparse teacher-forcing pass == the paged runtime's denoising
+    prediction for chunk i after committing the clean chunks < i, same pattern and scorer."""
+    model, clean, eps, context = tiny32
+    noisy, t = _noisy_inputs(clean, eps, [1.0, 0.6, 0.3])
+    runner = reference_runner(
+        model, SPARSE, page_size=32, q_block=32, backend="torch", cuda_graphs=False
+    )
+    gen = torch.Generator().manual_seed(4)
+    for state in runner.runtime.states:  # a non-identity scorer, shared by both passes
+        with torch.no_grad():
+            state.scorer.wq.add_(0.3 * torch.randn(state.scorer.wq.shape, generator=gen))
+    scorers = [copy.deepcopy(s.scorer) for s in runner.runtime.states]
+    tf = TeacherForcing(
+        copy.deepcopy(model), CLIP, pattern=SPARSE, geometry=GEOMETRY, scorers=scorers
+    )
+    with torch.no_grad():
+        predicted = tf(clean, noisy, t, context)
+        runner.reset(2, "cpu", torch.float32, CLIP)
+        for start in range(0, CLIP, 3):
+            frames = slice(start, start + 3)
+            rollout = runner(noisy[:, :, frames], t[:, frames], context, start, commit=False)
+            torch.testing.assert_close(rollout, predicted[:, :, frames], atol=1e-4, rtol=1e-4)
+            runner(clean[:, :, frames], torch.zeros(2, 3), context, start, commit=True)

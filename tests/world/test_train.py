@@ -105,3 +105,36 @@ def test_tampered_checkpoint_is_detected(tmp_path):
     (tmp_path / "checkpoint.json").write_text("{not json")
     with pytest.raises(ValueError, match="checkpoint.json: not a readable JSON"):
         load_checkpoint(tmp_path)
+
+
+def test_sparse_fine_tuning_runs_resumes_and_refuses_a_new_pattern(tmp_path):
+    out = str(tmp_path / "sparse")
+    sparse = ["--pattern", "persistent_local", "--clip-frames", "12", "--eval-clips", "1"]
+    main(["--out", out, *TINY, *sparse, "--steps", "3", "--stop-after", "2"])
+    _, _, meta = load_checkpoint(tmp_path / "sparse" / "checkpoint")
+    recipe = meta["recipe"]
+    assert (recipe["pattern"], recipe["clip_frames"], recipe["scorer"]) == (
+        "persistent_local",
+        12,
+        "identity",
+    )
+    with pytest.raises(SystemExit, match="--pattern"):
+        main(["--out", out, "--resume", "--pattern", "dense", *TINY])
+    main(["--out", out, "--resume", "--no-progress", "--device", "cpu"])
+    step, tensors, _ = load_checkpoint(tmp_path / "sparse" / "checkpoint")
+    assert step == 3
+    assert not any("scorer" in key for key in tensors)  # the model's state_dict is unchanged
+    with pytest.raises(ValueError, match="--pattern must be one of"):
+        main(["--out", str(tmp_path / "bad"), *TINY, "--pattern", "nope", "--steps", "1"])
+    with pytest.raises(ValueError, match="clip_frames"):
+        main(["--out", str(tmp_path / "bad2"), *TINY, "--clip-frames", "7", "--steps", "1"])
+
+
+def test_sparse_teacher_forcing_follows_the_recipe():
+    recipe = make_recipe("tiny-test", pattern="persistent_local", clip_frames=12)
+    trainer = Trainer(recipe, TRAIN_PRESETS["tiny-test"], "cpu")
+    assert trainer.teacher.attention == "pbsa" and trainer.ema_teacher.attention == "pbsa"
+    attn = trainer.model.blocks[0].self_attn.attn
+    assert attn.pattern.window_frames == 9 and attn.clip_frames == 12
+    dense = Trainer(make_recipe("tiny-test"), TRAIN_PRESETS["tiny-test"], "cpu")
+    assert dense.teacher.attention == "dense" and dense.clip_frames == 6
