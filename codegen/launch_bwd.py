@@ -20,9 +20,11 @@ from codegen.render import call_args, kernel_args
 from codegen.store import lookup
 from codegen.transpose import TransposedTable, transpose_table
 
-# Transposed tables keyed by the table tensors' identities and versions (one build per mask:
-# a forward's table is reused by its backward, and often by several layers).
-_tables: dict[tuple, TransposedTable] = {}
+# Transposed tables keyed by the table tensors' addresses, strides and versions (one build
+# per mask: a forward's table is reused by its backward, and often by several layers). Each
+# entry keeps its table tensors alive, so no other tensor can take their addresses while the
+# entry exists, and an in-place change bumps the version: a hit is always the same table.
+_tables: dict[tuple, tuple[Tensor, Tensor, TransposedTable]] = {}
 
 
 def transposed(p: Problem) -> TransposedTable:
@@ -31,20 +33,16 @@ def transposed(p: Problem) -> TransposedTable:
     it)."""
     nb, idx = p.kv_num_blocks, p.kv_indices
     capturing = nb.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (
-        *(t.data_ptr() for t in (nb, idx)),
-        *(t._version for t in (nb, idx)),
-        tuple(idx.shape),
-        p.kv_heads,
-        p.num_pages,
-    )
-    table = None if capturing else _tables.get(key)
-    if table is None:
-        table = transpose_table(nb, idx, kv_heads=p.kv_heads, num_pages=p.num_pages)
-        if not capturing:
-            if len(_tables) >= 16:
-                _tables.clear()
-            _tables[key] = table
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride()) for t in (nb, idx))
+    key += (p.kv_heads, p.num_pages)
+    hit = None if capturing else _tables.get(key)
+    if hit is not None:
+        return hit[2]
+    table = transpose_table(nb, idx, kv_heads=p.kv_heads, num_pages=p.num_pages)
+    if not capturing:
+        if len(_tables) >= 16:
+            _tables.clear()
+        _tables[key] = (nb, idx, table)
     return table
 
 

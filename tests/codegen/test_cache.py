@@ -134,3 +134,15 @@ def test_an_unwritable_cache_dir_falls_back_to_a_temporary_one(tmp_path, monkeyp
     expected, _ = pbsa_reference(**args)
     torch.testing.assert_close(out.double(), expected, atol=2e-4, rtol=1e-4)
     assert blocker.read_text() == ""
+
+
+def test_backward_kernels_live_in_their_own_cached_module(fresh_cache):
+    from codegen.render import kernel_name
+
+    root, calls = fresh_cache
+    spec = KernelSpec(block_m=32, head_dim=16, block_n=16, q_block=32)
+    fwd, bwd = cache.kernel_source_path(spec), cache.kernel_source_path(spec, "bwd")
+    assert fwd != bwd and bwd.is_relative_to(root) and len(calls) == 2
+    for kernel in ("bwd_delta", "bwd_dq", "bwd_dkdv"):
+        assert cache.get_kernel(spec, kernel=kernel).fn.__name__ == kernel_name(spec, kernel)
+    assert len(calls) == 2  # one render per module and process

@@ -84,3 +84,37 @@ def test_call_args_orders_by_the_list_and_rejects_missing_or_extra_names():
         call_args(spec, {n: 0 for n in names[1:]})
     with pytest.raises(ValueError, match="call_args"):
         call_args(spec, {**values, "kv_row_b": 0})
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        KernelSpec(block_m=32, block_n=16, page_size=32, q_block=64, head_dim=32, group=2),
+        KernelSpec(paged=False, layout="BHLD", dtype="float32"),
+        KernelSpec(partial=False),
+    ],
+    ids=lambda s: s.name,
+)
+def test_backward_module_has_three_kernels_rendered_from_their_lists(spec):
+    from codegen.render import KERNELS, kernel_name
+
+    tree = ast.parse(render(spec, "bwd"))
+    kernels = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert set(kernels) == {kernel_name(spec, k) for k in KERNELS["bwd"]}
+    for kernel in KERNELS["bwd"]:
+        fn = kernels[kernel_name(spec, kernel)]
+        assert [a.arg for a in fn.args.args] == [a.name for a in kernel_args(spec, kernel)] + [
+            "UPCAST"
+        ]
+        [listed] = [kw.value for kw in fn.decorator_list[0].keywords]
+        assert tuple(e.value for e in listed.elts) == runtime_int_args(spec, kernel)
+    assert "Q_SUB = tl.constexpr" in render(spec, "bwd")
+
+
+def test_backward_sources_differ_from_the_forward_and_reject_unknown_names():
+    spec = KernelSpec()
+    assert render(spec, "bwd") != render(spec)
+    with pytest.raises(ValueError, match="module"):
+        render(spec, "bwd_dq")
+    with pytest.raises(ValueError, match="kernel"):
+        kernel_args(spec, "backward")

@@ -132,3 +132,13 @@ def test_an_unwritable_store_keeps_the_winner_in_memory(tmp_path, monkeypatch):
 def test_invalid_launch_configs_name_the_field(change, field):
     with pytest.raises((ValueError, TypeError), match=f"LaunchConfig.{field}"):
         LaunchConfig(**change)
+
+
+def test_backward_kernels_have_their_own_records(fresh_store, monkeypatch):
+    p = problem(100)
+    assert '"kernel"' not in store.tuning_key(p)  # the forward's keys are unchanged
+    dq = LaunchConfig(block_m=32, num_warps=4, num_stages=1, block_n=16)
+    store.save(store.tuning_key(p, "bwd_dq"), dq, 0.5)
+    new_process(monkeypatch)
+    assert store.lookup(p, "bwd_dq") == dq
+    assert store.lookup(p) is None and store.lookup(p, "bwd_dkdv") is None

@@ -29,3 +29,26 @@ def test_candidates_divide_and_fit():
     for c in configs:
         assert p.q_block % c.block_m == 0
         assert at.shared_memory_estimate(p, c) <= limit
+
+
+def test_backward_interpreter_gets_fixed_configs_without_timing(monkeypatch):
+    from codegen.launch_bwd import default_backward_configs
+
+    monkeypatch.setattr(at.triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed"))
+    args = small_inputs(q_block=32, seed=1)
+    configs = at.autotune_backward(**args)
+    assert configs == default_backward_configs(sample_problem(args), interpret=True)
+
+
+@pytest.mark.parametrize("kernel", ["bwd_dq", "bwd_dkdv"])
+def test_backward_candidates_divide_and_fit(kernel):
+    p = problem(100, head_dim=64, page_size=32, num_pages=3)
+    limit = 64 * 1024
+    configs = at.backward_candidates(p, kernel, limit)
+    assert configs and len(set(configs)) == len(configs)
+    for c in configs:
+        assert p.q_block % c.block_m == 0 and p.page_size % c.block_n == 0
+        assert at.backward_shared_memory_estimate(p, c, kernel) <= limit
+    # A smaller budget prunes the larger tiles first.
+    small = at.backward_candidates(p, kernel, limit // 4)
+    assert len(small) < len(configs) and set(small) <= set(configs)
