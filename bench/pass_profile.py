@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         "--kernels", default="", help="runners (of --runners) whose top kernels are tabled"
     )
     args = parser.parse_args(argv)
+    if args.kernels and not torch.cuda.is_available():
+        raise SystemExit("--kernels: kernel times need a CUDA device")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
