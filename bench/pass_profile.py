@@ -8,12 +8,15 @@ PersistentLocal)` as captured (`sparse_graph`), compiled (`sparse_compiled`) and
 its passes replayed as CUDA graphs (`sparse_cudagraph`, what `bench.rollout` runs); the same
 runtime bound into the eager model (`sparse_eager`, no captured graph); and `sparsify(model,
 Dense(21))` compiled with CUDA graphs (`sparse_dense_cudagraph`: what compiling and graphs
-give without sparsity). Each rolls out `--chunks` chunks, then times the next chunk's passes:
+give without sparsity); `dense_compiled` is `runtime.CompiledDenseRunner` (`bench.rollout`'s
+headline denominator). Each rolls out `--chunks` chunks, then times the next chunk's passes:
 wall time with a device sync, and host time (how long the Python side takes to enqueue the
 pass, without a sync — when it is close to the wall time the pass is host-bound); the median
 of the denoising passes, and the commit.
 Then it profiles one denoising pass of the `--profile` runner and prints the top operators by
-host and device time.
+host and device time. `--kernels R1,R2` profiles one denoising pass of each (CUDA graphs off
+for it: the same kernels, launched one by one) and prints a compact table of the top kernels
+by GPU time, side by side.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from bench.common import sync
 from patterns import Dense
 from runtime import CausalWanModel, EagerRunner, WanConfig, reference_runner
+from runtime.compiled_dense import CompiledDenseRunner
 from runtime.eager import SELF_FORCING_WINDOW_FRAMES, self_forcing_cache
 from sparsify import sparsify
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
@@ -35,6 +39,7 @@ from sparsify.tables import format_table
 
 RUNNERS = (
     "dense",
+    "dense_compiled",
     "sparse_graph",
     "sparse_compiled",
     "sparse_cudagraph",
@@ -93,6 +98,8 @@ def build_runner(name: str, model: CausalWanModel, config: WanConfig, context, n
     example = example_chunk(config, context)
     if name == "dense":
         return EagerRunner(model, self_forcing_cache(num_frames))
+    if name == "dense_compiled":
+        return CompiledDenseRunner(model)
     if name == "sparse_eager":
         return reference_runner(
             model,
@@ -117,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--runners", default="dense,sparse_graph,sparse_eager")
     parser.add_argument("--profile", default="sparse_graph", help="runner to profile ('' for none)")
+    parser.add_argument(
+        "--kernels", default="", help="runners (of --runners) whose top kernels are tabled"
+    )
     args = parser.parse_args(argv)
+    if args.kernels and not torch.cuda.is_available():
+        raise SystemExit("--kernels: kernel times need a CUDA device")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -138,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.profile:
         profile_pass(runners[args.profile], config, context, args.chunks, args.top)
+    if args.kernels:
+        kernel_rows = []
+        for name in args.kernels.split(","):
+            kernel_rows += kernel_table(name, runners[name], config, context, args.chunks, args.top)
+        print(format_table(kernel_rows, list(kernel_rows[0])))
     print(format_table(rows, list(rows[0])))
     return 0
 
@@ -158,6 +175,68 @@ def profile_pass(sparse, config: WanConfig, context, chunks: int, top: int) -> N
     print(
         averages.table(sort_by="self_cuda_time_total", row_limit=top // 2, max_name_column_width=60)
     )
+
+
+def _kernel_kind(name: str) -> str:
+    """A coarse class of a CUDA kernel name (for the per-pass sums)."""
+    lowered = name.lower()
+    for kind, marks in (
+        ("attention", ("attention", "attn", "fmha", "flash", "pbsa", "sdpa", "cudnn")),
+        ("gemm", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")),
+        ("copy", ("copy", "memcpy", "memset", "index", "scatter", "gather", "cat")),
+    ):
+        if any(mark in lowered for mark in marks):
+            return kind
+    return "other"
+
+
+def kernel_table(name: str, runner, config: WanConfig, context, chunks: int, top: int) -> list:
+    """Rows (runner, kernel, ms, share, calls) of the top kernels of one denoising pass by
+    GPU time, then one row per kernel class and the pass total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = getattr(runner, "cuda_graphs", False)
+    if graphs:
+        runner.cuda_graphs = False
+    try:
+        with torch.no_grad():
+            roll(runner, config, context, chunks)
+            x, t = _chunk_inputs(config, context)
+            start = chunks * config.frames_per_chunk
+            runner(x, t, context, start, commit=False)  # warm at this length, eagerly
+            sync()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                runner(x, t, context, start, commit=False)
+                sync()
+    finally:
+        if graphs:
+            runner.cuda_graphs = True
+    device_time = lambda e: getattr(e, "device_time_total", None) or e.cuda_time_total
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(device_time(e) for e in kernels) or 1.0
+    kernels.sort(key=device_time, reverse=True)
+    rows = [
+        dict(
+            runner=name,
+            kernel=e.key[:60],
+            ms=device_time(e) / 1e3,
+            share=device_time(e) / total,
+            calls=e.count,
+        )
+        for e in kernels[:top]
+    ]
+    kinds: dict[str, list] = {}
+    for e in kernels:
+        entry = kinds.setdefault(_kernel_kind(e.key), [0.0, 0])
+        entry[0] += device_time(e)
+        entry[1] += e.count
+    for kind, (us, calls) in sorted(kinds.items()):
+        rows.append(
+            dict(runner=name, kernel=f"[{kind}]", ms=us / 1e3, share=us / total, calls=calls)
+        )
+    calls = sum(e.count for e in kernels)
+    rows.append(dict(runner=name, kernel="[total]", ms=total / 1e3, share=1.0, calls=calls))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,34 +1,49 @@
 """Rollout benchmark (BENCHMARKS.md): dense Self-Forcing vs `sparsify` on the reference model.
 
     python -m bench.rollout --json out.json [--preset wan2.1-1.3b] [--horizons 5s,20s,60s]
+        [--impls dense_compiled,dense,sparse,sparse_dense] [--rounds 2] [--long-rounds 1]
+    python -m bench.rollout --merge a.json b.json --json all.json   (runs of several commands)
 
 The `wan2.1-1.3b` reference model with seeded random weights in bf16, B=1, a random text
 context of 512 x 4096, chunks of 3 latent frames, 4 denoising passes + 1 context pass each.
 Implementations, each timed over the whole rollout of a horizon in one process:
 
+* `dense_compiled` — the headline denominator: `runtime.CompiledDenseRunner`, the same
+                    Self-Forcing cache in fixed buffers, blocks under torch.compile, cuDNN SDPA
+                    (`--sdpa-backend`), every pass replayed from a CUDA graph;
 * `dense`         — the model's own SDPA attention with the eager Self-Forcing cache (global up
                     to 21 frames, then a rolling 21-frame window without sink);
 * `sparse`        — `sparsify(model, default PersistentLocal)`, its graph compiled and its
                     passes replayed as CUDA graphs (`--no-compile`, `--no-cuda-graphs` to
-                    turn either off);
+                    turn either off, for every compiled runner);
 * `sparse_dense`  — `sparsify(model, Dense(...))` with the dense baseline's window, compiled
-                    and graphed alike: what the rewrite, compiling and graphs give without
-                    sparsity (the speed-up that sparsity alone gives is sparse over this).
+                    and graphed alike: what the runtime costs without sparsity.
+
+Per horizon: one warm-up rollout per runner, then `--rounds` timed rounds (`--long-rounds` at
+60 s) with the runners in an order rotated every round; `seconds` is the best round
+(`seconds_median`, `rounds` beside it). Ratios (`speedup_vs_*`, `kv_reduction_vs_*`) are
+against `dense_compiled` and `dense` of the same horizon and run; `rel_diff_vs_dense` is
+‖video − dense's‖ / ‖dense's‖. `fps` counts pixel frames (4·latent − 3) of the denoising loop
+alone (no VAE decoding, no text encoder).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from bench.common import device_record, sync, write_json
 from patterns import Dense
 from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forcing_cache
+from runtime.compiled_dense import SDPA_BACKENDS, CompiledDenseRunner
 from runtime.eager import SELF_FORCING_WINDOW_FRAMES
 from runtime.rollout import ChunkRunner
 from sparsify import sparsify
@@ -57,7 +72,8 @@ HORIZONS = {h.name: h for h in (Horizon("5s", 7), Horizon("20s", 27), Horizon("6
 
 
 def run_rollout(runner: ChunkRunner, config: WanConfig, context, chunks: int) -> dict:
-    """Time one whole rollout; memory peaks are measured from a reset allocator."""
+    """Time one whole rollout; memory peaks are measured from a reset allocator. The video
+    comes back under "video" (for the relative difference to dense)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     # No cyclic-GC pauses inside the timed region, for every runner alike.
@@ -66,13 +82,13 @@ def run_rollout(runner: ChunkRunner, config: WanConfig, context, chunks: int) ->
     try:
         sync()
         start = time.perf_counter()
-        generate(
+        video = generate(
             runner,
             context,
             chunks,
             latent_shape=(config.in_channels, config.latent_height, config.latent_width),
             seed=0,
-            progress=True,
+            progress=False,
         )
         sync()
         seconds = time.perf_counter() - start
@@ -80,9 +96,9 @@ def run_rollout(runner: ChunkRunner, config: WanConfig, context, chunks: int) ->
         gc.enable()
     return dict(
         seconds=seconds,
-        seconds_per_chunk=seconds / chunks,
         peak_kv_bytes=int(runner.peak_kv_bytes),
         peak_cuda_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        video=video,
     )
 
 
@@ -91,6 +107,8 @@ def self_attention_modules(runner) -> list[torch.nn.Module]:
     spellings for the eager baseline, the runtime's per-layer states for `sparsify`'s."""
     if isinstance(runner, EagerRunner):
         return [block.self_attn.attn for block in runner.model.blocks]
+    if isinstance(runner, CompiledDenseRunner):
+        return runner.self_attention_modules()
     return list(runner.runtime.states)
 
 
@@ -161,21 +179,81 @@ def attention_fraction(runner: ChunkRunner, config: WanConfig, context, horizon:
     return attention / total if total else None
 
 
+IMPLS = ("dense_compiled", "dense", "sparse", "sparse_dense")
+# what speed-ups and KV reductions are relative to, in this order (the headline first)
+BASELINES = ("dense_compiled", "dense")
+SHORT = ("5s", "20s")  # horizons repeated `--rounds` times (the long one `--long-rounds`)
+
+
+def _rel_diff(video, reference) -> float:
+    a, b = video.float(), reference.float()
+    return float((a - b).norm() / b.norm())
+
+
+def _relate(records: list[dict]) -> None:
+    """speedup_vs_X / kv_reduction_vs_X for every baseline X measured at the same horizon of
+    this run (ratios are only meaningful within one process)."""
+    for record in records:
+        for base in BASELINES:
+            ref = next(
+                (r for r in records if r["horizon"] == record["horizon"] and r["impl"] == base),
+                None,
+            )
+            if ref is not None:
+                record[f"speedup_vs_{base}"] = ref["seconds"] / record["seconds"]
+                record[f"kv_reduction_vs_{base}"] = (
+                    1.0 - record["peak_kv_bytes"] / ref["peak_kv_bytes"]
+                )
+
+
+def _merge(paths: list[str]) -> dict:
+    """Records of several runs (one per command), each tagged with its run's device record;
+    the ratios stay those of its own run."""
+    records, devices = [], []
+    for i, path in enumerate(paths):
+        payload = json.loads(Path(path).read_text())
+        devices.append(payload["device"])
+        records += [dict(r, run=i) for r in payload["records"]]
+    return dict(device=devices[0], runs=devices, sources=paths, records=records)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="wan2.1-1.3b")
     parser.add_argument("--horizons", default="5s,20s,60s")
-    parser.add_argument("--impls", default="dense,sparse,sparse_dense")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"any of {','.join(IMPLS)}")
+    parser.add_argument("--rounds", type=int, default=2, help=f"timed rounds at {SHORT}")
+    parser.add_argument("--long-rounds", type=int, default=1, help="timed rounds at 60s")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--merge", nargs="+", default=None, help="merge these JSON files into --json and exit"
+    )
     parser.add_argument(
         "--fraction-horizons",
         default=None,
-        help="horizons whose attention fraction is profiled (default: all)",
+        help="horizons whose attention fraction is profiled (default: all; '' for none)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-compile", action="store_true", help="sparse runners uncompiled")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="sparse passes eager")
+    parser.add_argument("--no-compile", action="store_true", help="compiled runners uncompiled")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="graphed runners eager")
+    parser.add_argument(
+        "--sdpa-backend", default="cudnn", choices=SDPA_BACKENDS, help="dense_compiled's SDPA"
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        payload = _merge(args.merge)
+        write_json(args.json, payload)
+        print(format_table(payload["records"], ["run", *COLUMNS]))
+        return 0
+    impls = args.impls.split(",")
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        parser.error(f"--impls: unknown {unknown}; expected some of {IMPLS}")
+    horizons = args.horizons.split(",")
+    unknown = [h for h in horizons if h not in HORIZONS]
+    if unknown:
+        parser.error(f"--horizons: unknown {unknown}; expected some of {list(HORIZONS)}")
+    fractions = horizons if args.fraction_horizons is None else args.fraction_horizons.split(",")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -184,11 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"set-up: building {args.preset} on {device}, random weights", flush=True)
     model = CausalWanModel(config).to(device, dtype).eval()
     context = torch.randn(1, config.text_len, config.text_dim, device=device, dtype=dtype)
-    impls = args.impls.split(",")
 
     geometry = default_geometry(config.tokens_per_frame, config.frames_per_chunk)
     example = example_chunk(config, context)
-    # Built once and reset per rollout: the graph is captured once for every horizon.
+    # Built once and reset per rollout: compiled code and CUDA graphs serve every horizon.
     patterns = {
         "sparse": default_pattern(geometry),
         # the dense baseline's cache policy on the sparse runtime: what the rewrite costs
@@ -196,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rewritten = ", ".join(impl for impl in impls if impl in patterns)
     print(f"set-up: capturing and rewriting the graph for {rewritten}", flush=True)
-    sparse_runners = {
+    runners: dict[str, ChunkRunner] = {
         impl: sparsify(
             model, example, patterns[impl], geometry=geometry, cuda_graphs=not args.no_cuda_graphs
         )
@@ -204,62 +281,103 @@ def main(argv: list[str] | None = None) -> int:
         if impl in patterns
     }
     if not args.no_compile:
-        for runner in sparse_runners.values():
+        for runner in runners.values():
             runner.compile()
+    if "dense_compiled" in impls:
+        # Self-Forcing's cache: global up to 21 frames, then the rolling 21-frame window
+        runners["dense_compiled"] = CompiledDenseRunner(
+            model,
+            compile=not args.no_compile,
+            cuda_graphs=not args.no_cuda_graphs,
+            sdpa_backend=args.sdpa_backend,
+        )
 
-    if not args.no_compile:
-        print("warm-up: the first chunk of each sparse runner compiles it (minutes)", flush=True)
     card = device_record()
-    records = []
-    for name in args.horizons.split(","):
+    records: list[dict] = []
+    for name in horizons:
         horizon = HORIZONS[name]
-        for impl in impls:
-            if impl == "dense":
-                runner = EagerRunner(model, self_forcing_cache(horizon.latent_frames))
-            else:
-                runner = sparse_runners[impl]
-            # Warm-up over every KV length the timed run meets (cuDNN plans, kernels).
-            print(f"{name} {impl}: warm-up rollout, then the timed one", flush=True)
-            warmup = run_rollout(runner, config, context, min(horizon.chunks, WARMUP_CHUNKS))
-            record = dict(horizon=name, impl=impl, chunks=horizon.chunks)
-            # the cold cost (compiling, CUDA-graph captures) shows in the warm-up, not the run
-            record["warmup_seconds"] = warmup["seconds"]
-            record.update(run_rollout(runner, config, context, horizon.chunks))
-            record["fps"] = horizon.pixel_frames / record["seconds"]
-            if args.fraction_horizons is None or name in args.fraction_horizons.split(","):
-                record["attention_fraction"] = attention_fraction(runner, config, context, horizon)
-            records.append(record)
-            base = next((r for r in records if r["horizon"] == name and r["impl"] == "dense"), None)
-            if base is not None:
-                record["speedup"] = base["seconds"] / record["seconds"]
-                record["kv_reduction"] = 1.0 - record["peak_kv_bytes"] / base["peak_kv_bytes"]
-            print(record, flush=True)
-            # after every record, so that a run cut short keeps what it measured
-            write_json(
-                args.json,
-                dict(
-                    device=card,
-                    preset=args.preset,
-                    compiled=not args.no_compile,
-                    cuda_graphs=not args.no_cuda_graphs,
-                    records=records,
-                ),
-            )
+        rounds = args.rounds if name in SHORT else args.long_rounds
 
-    columns = [
-        "horizon",
-        "impl",
-        "seconds",
-        "seconds_per_chunk",
-        "fps",
-        "peak_kv_bytes",
-        "peak_cuda_bytes",
-        "attention_fraction",
-        "speedup",
-        "kv_reduction",
-    ]
-    print(format_table(records, columns))
+        dense = EagerRunner(model, self_forcing_cache(horizon.latent_frames))
+        by_impl = {impl: dense if impl == "dense" else runners.get(impl) for impl in impls}
+
+        # Warm-up over every KV length the timed runs meet (compiling, CUDA-graph captures,
+        # cuDNN plans): the cold cost shows here, not in the rounds.
+        warmups = {}
+        for impl in impls:
+            print(f"{name} {impl}: warm-up rollout", flush=True)
+            warm = run_rollout(by_impl[impl], config, context, min(horizon.chunks, WARMUP_CHUNKS))
+            warmups[impl] = warm["seconds"]
+        timed: dict[str, list[dict]] = {impl: [] for impl in impls}
+        videos = {}  # each runner's first video (rollouts are seeded: every round's is alike)
+        for r in range(rounds):
+            # rotate the order every round so that clock drift favours no runner
+            order = impls[r % len(impls) :] + impls[: r % len(impls)]
+            for impl in order:
+                result = run_rollout(by_impl[impl], config, context, horizon.chunks)
+                videos.setdefault(impl, result.pop("video"))
+                result.pop("video", None)
+                timed[impl].append(result)
+                print(f"{name} {impl} round {r}: {result['seconds']:.3f} s", flush=True)
+        for impl in impls:
+            runs = timed[impl]
+            best = min(runs, key=lambda run: run["seconds"])
+            record = dict(
+                horizon=name,
+                impl=impl,
+                chunks=horizon.chunks,
+                rounds=[run["seconds"] for run in runs],
+                seconds=best["seconds"],
+                seconds_median=statistics.median(run["seconds"] for run in runs),
+                seconds_per_chunk=best["seconds"] / horizon.chunks,
+                fps=horizon.pixel_frames / best["seconds"],
+                peak_kv_bytes=best["peak_kv_bytes"],
+                peak_cuda_bytes=max((run["peak_cuda_bytes"] or 0) for run in runs) or None,
+                warmup_seconds=warmups[impl],
+            )
+            if "dense" in videos:
+                record["rel_diff_vs_dense"] = _rel_diff(videos[impl], videos["dense"])
+            if impl == "dense_compiled":
+                record["sdpa_backend"] = args.sdpa_backend
+            if name in fractions:
+                record["attention_fraction"] = attention_fraction(
+                    by_impl[impl], config, context, horizon
+                )
+            records.append(record)
+        del videos
+        _relate(records)
+        for record in records[-len(impls) :]:
+            print(record, flush=True)
+        # after every horizon, so that a run cut short keeps what it measured
+        write_json(
+            args.json,
+            dict(
+                device=card,
+                preset=args.preset,
+                compiled=not args.no_compile,
+                cuda_graphs=not args.no_cuda_graphs,
+                records=records,
+            ),
+        )
+
+    print(format_table(records, COLUMNS))
     return 0
+
+
+COLUMNS = [
+    "horizon",
+    "impl",
+    "seconds",
+    "seconds_median",
+    "fps",
+    "peak_kv_bytes",
+    "peak_cuda_bytes",
+    "attention_fraction",
+    "rel_diff_vs_dense",
+    "speedup_vs_dense_compiled",
+    "speedup_vs_dense",
+    "kv_reduction_vs_dense_compiled",
+]
 
 
 if __name__ == "__main__":

@@ -219,7 +219,10 @@ class AttentionState(PatternLayer):
         post-RoPE, ``Lc = F·T``) → ``[B, Lc, H, D]``. A rejected call changes nothing."""
         pool = self._require_pool()
         self._check_inputs(q, k, v, pool)
-        pool.write_scratch(k, v)
+        # key reps feed block scores and the persistent set only: Dense and SinkWindow skip
+        # pooling them (a reduction over the chunk's keys per layer and pass)
+        policy = self.pattern.cache_policy
+        pool.write_scratch(k, v, reps=self.pattern.needs_scores or policy.persistent_capacity > 0)
         view = self.view(q)
         table = self.pattern.select(view)
         if self._context.debug:

@@ -153,6 +153,10 @@ class CompiledDenseRunner:
     def peak_kv_bytes(self) -> int:
         return self.cache.peak_kv_bytes
 
+    def self_attention_modules(self) -> list[nn.Module]:
+        """Each layer's self-attention (cache write and SDPA), in layer order."""
+        return [block.self_attn.attn for block in self._bound.blocks]
+
     def reset(self, batch_size: int, device, dtype: torch.dtype, num_frames: int) -> None:
         """Empty the cache for a rollout of ``num_frames`` frames of ``batch_size`` videos.
         Buffers (and the CUDA graphs over them) are kept when the layout repeats. A rejected

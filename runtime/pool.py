@@ -256,16 +256,19 @@ class PagePool:
         reps = self._frame_reps(k, frames).reshape(*ids.shape, self.head_dim)
         self.key_reps[rows_b, rows_h, ids] = reps.float()
 
-    def write_scratch(self, k: Tensor, v: Tensor) -> None:
+    def write_scratch(self, k: Tensor, v: Tensor, reps: bool = True) -> None:
         """Write the current chunk into the scratch pages (the per-pass path): strided copies
-        into the fixed range, no scatter. k, v: BLHD ``[B, F·T, Hkv, D]`` filling the range."""
+        into the fixed range, no scatter. k, v: BLHD ``[B, F·T, Hkv, D]`` filling the range.
+        reps: also pool the scratch pages' key reps (False for patterns that never read them:
+        their scratch reps then stay stale)."""
         g = self.geometry
         frames = self.scratch_pages // g.pages_per_frame
         self._check_frames(k, v, frames)
         b, hkv, d, t = self.batch_size, self.num_kv_heads, self.head_dim, g.tokens_per_frame
         for dst, x in zip(self._scratch_kv, (k, v), strict=True):
             dst.copy_(x.view(b, frames, t, hkv, d).permute(0, 3, 1, 2, 4))
-        self._scratch_reps.copy_(self._frame_reps(k, frames))
+        if reps:
+            self._scratch_reps.copy_(self._frame_reps(k, frames))
 
     def copy(self, src: Tensor, dst: Tensor) -> None:
         """Copy pages (K, V, lengths, key reps) ``src`` → ``dst``, int64 ``[B, Hkv, n]``."""

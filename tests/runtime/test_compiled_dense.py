@@ -114,15 +114,16 @@ def test_rejects_bad_arguments(small):
 
 
 @pytest.mark.gpu
-def test_graphed_runner_equals_eager_dense_on_cuda(small):
-    """CUDA graphs (one per attended length) and cuDNN SDPA: bf16 result of eager dense."""
-    model, context = small
+@pytest.mark.parametrize("backend", ["cudnn", "auto"])
+def test_graphed_runner_equals_eager_dense_on_cuda(backend):
+    """CUDA graphs (one per attended length), compiled blocks, cuDNN or PyTorch's SDPA: the
+    bf16 result of eager dense, twice (the second rollout replays every pass)."""
     cfg = WanConfig.preset("tiny", num_kv_heads=2)  # 64 tokens per frame, D 16
     model = CausalWanModel(cfg).cuda().bfloat16().eval()
     context = torch.randn(1, cfg.text_len, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
     policy = CachePolicy(9)
     ref = _roll(EagerRunner(model, FrameCache(policy)), model, context, 6)
-    runner = CompiledDenseRunner(model, policy, sdpa_backend="auto")
+    runner = CompiledDenseRunner(model, policy, sdpa_backend=backend)
     for _ in range(2):
         assert _rel(_roll(runner, model, context, 6).float(), ref.float()) < 2e-2
     assert runner.graphs.replays > 0 and len(runner.graphs) == 3  # 3, 6, then 9 frames

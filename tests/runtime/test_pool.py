@@ -152,6 +152,22 @@ def test_write_scratch_equals_write_to_the_scratch_ids():
     assert_unchanged(fast, snap)
 
 
+def test_write_scratch_without_reps_writes_the_same_pages_and_leaves_the_reps():
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(2, 24, 3, 4, generator=g)
+    v = torch.randn(2, 24, 3, 4, generator=g)
+    full, lean = make_pool(), make_pool()
+    full.write_scratch(k, v)
+    before = lean.key_reps.clone()
+    lean.write_scratch(k, v, reps=False)
+    for a, b in zip(
+        (full.k, full.v, full.page_lens), (lean.k, lean.v, lean.page_lens), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert torch.equal(lean.key_reps, before)
+    assert not torch.equal(full.key_reps, before)
+
+
 def test_scratch_must_hold_whole_frames():
     with pytest.raises(ValueError, match="whole frames"):
         make_pool(scratch=3)
