@@ -1,28 +1,52 @@
 """Quality benchmark on the GPU: every pattern on held-out world scenes at 1x, 4x and 10x.
 
     python -m bench.quality --json out.json --png out.png [--seeds 16] [--train-scorers]
+    python -m bench.quality --weights dense=world/weights --weights sparse_ft=runs/ft/weights \
+        --only dense,persistent_local --json out.json      # a `model` column per weights folder
 
-Loads the committed world model, optionally (re)trains its block scorer on training scenes
-(`world.scorers.train_world_scorer`, written to `--scorers`), then runs `world.quality.evaluate`
-on held-out seeds and writes the records (`{"device": ..., "records": [...]}`), an
-error-vs-horizon plot and a table. See the quality section of BENCHMARKS.md.
+Loads the committed world model (or each `--weights [NAME=]DIR`, an exported folder of
+world.safetensors + manifest.json; the floors run with the first one only), optionally
+(re)trains its block scorer on training scenes (`world.scorers.train_world_scorer`, written to
+`--scorers`), then runs `world.quality.evaluate` on held-out seeds and writes the records
+(`{"device": ..., "records": [...]}`, each with its `model`), an error-vs-horizon plot and a
+table. See the quality section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from bench.common import device_record, write_json
 from runtime import CausalWanModel
 from sparsify.tables import format_table
-from world.quality import curves, evaluate, horizons_for, summary_rows, world_geometry
+from world.quality import (
+    contenders,
+    curves,
+    evaluate,
+    horizons_for,
+    summary_rows,
+    world_geometry,
+)
 from world.scenes import heldout_seeds
 from world.scorers import DEFAULT_SCORERS, train_world_scorer
 from world.video import plot_error_vs_horizon
-from world.weights import load_world_model
+from world.weights import WEIGHTS_DIR, load_world_model
+
+FLOORS = ("copy_last", "random_model")
+
+
+def weights_arg(text: str) -> tuple[str, str]:
+    """`NAME=DIR` or `DIR` (named after the folder) -> (name, dir)."""
+    name, sep, folder = text.partition("=")
+    if not sep:
+        name, folder = Path(text).name or text, text
+    if not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR or DIR, got {text!r}")
+    return name, folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scorers", default=str(DEFAULT_SCORERS), help="scorer weights file")
     parser.add_argument("--scorer-steps", type=int, default=400)
     parser.add_argument("--only", help="comma-separated contender names")
+    parser.add_argument(
+        "--weights",
+        type=weights_arg,
+        action="append",
+        metavar="[NAME=]DIR",
+        help="an exported world-model folder to evaluate (repeat to compare; default: the "
+        "committed world/weights)",
+    )
     args = parser.parse_args(argv)
+    models = args.weights or [("dense", str(WEIGHTS_DIR))]
+    if len({name for name, _ in models}) < len(models):
+        parser.error("--weights: every NAME must differ")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_world_model(device=device)
+    model = load_world_model(Path(models[0][1]), device=device)
     geometry = world_geometry(model)
     if args.train_scorers:
         start = time.perf_counter()
@@ -55,21 +90,31 @@ def main(argv: list[str] | None = None) -> int:
             f"scorer: recall@25% {report['mean_recall_before']:.3f} (identity) -> "
             f"{report['mean_recall_after']:.3f} (learned) in {time.perf_counter() - start:.0f} s"
         )
-    random_model = CausalWanModel(model.config).to(device).eval()
     horizons = horizons_for([float(m) for m in args.multiples.split(",")])
-    records = evaluate(
-        model,
-        seeds=heldout_seeds(args.seeds),
-        horizons=horizons,
-        scorer_path=args.scorers,
-        device=device,
-        random_model=random_model,
-        only=args.only.split(",") if args.only else None,
-        progress=lambda name: print(f"  running {name}", flush=True),
-    )
+    only = args.only.split(",") if args.only else None
+    names = [c.name for c in contenders(geometry, learned=True)]
+    records = []
+    for i, (name, folder) in enumerate(models):
+        if i:
+            model = load_world_model(Path(folder), device=device)
+        print(f"model {name}: {folder}", flush=True)
+        first = i == 0
+        for record in evaluate(
+            model,
+            seeds=heldout_seeds(args.seeds),
+            horizons=horizons,
+            scorer_path=args.scorers,
+            device=device,
+            random_model=CausalWanModel(model.config).to(device).eval() if first else None,
+            # the floors do not depend on the weights: once
+            only=only if first else [n for n in (only or names) if n not in FLOORS],
+            progress=lambda label: print(f"  running {label}", flush=True),
+        ):
+            records.append({"model": name, **record})
     write_json(args.json, {"device": device_record(), "records": records})
     if args.png:
-        plot_error_vs_horizon(curves(records, "mse"), args.png, metric="mse")
+        labelled = [{**r, "pattern": f"{r['model']}:{r['pattern']}"} for r in records]
+        plot_error_vs_horizon(curves(labelled, "mse"), args.png, metric="mse")
     rows = summary_rows(records)
     print(format_table(rows, list(rows[0])))
     return 0

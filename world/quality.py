@@ -263,13 +263,15 @@ def evaluate(
 
 
 def summary_rows(records: Sequence[dict]) -> list[dict]:
-    """One row per contender: mse / reappear_mse per horizon side by side (for tables)."""
+    """One row per contender (per model, for records with a ``model``): mse / reappear_mse
+    per horizon side by side (for tables)."""
     rows: dict[tuple, dict] = {}
     for r in records:
-        key = (r["pattern"], r["scorer"])
+        key = (r.get("model"), r["pattern"], r["scorer"])
+        model = {"model": r["model"]} if "model" in r else {}
         row = rows.setdefault(
             key,
-            {"pattern": r["pattern"], "scorer": r["scorer"] or "-", "kv_MiB": None},
+            {**model, "pattern": r["pattern"], "scorer": r["scorer"] or "-", "kv_MiB": None},
         )
         h = r["horizon_frames"]
         row[f"mse@{h}"] = r["mse"]

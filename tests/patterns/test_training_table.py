@@ -150,3 +150,15 @@ def test_bad_geometry_and_inputs():
         clip_table(pattern, GEOMETRY, 14, q, k)
     with pytest.raises(ValueError, match="k must be BLHD"):
         clip_table(pattern, GEOMETRY, CLIP, q, k[:, :-1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused CUDA selection")
+@pytest.mark.parametrize("name", ["persistent_local", "persistent_local_transient", "topk"])
+def test_cuda_clip_table_equals_the_cpu_one(name):
+    """On CUDA `PersistentLocal.select` runs the fused Triton kernels over the clip's view."""
+    pattern = PATTERNS[name]
+    q, k, _, scorer = _inputs(seed=7)
+    cpu = clip_table(pattern, GEOMETRY, CLIP, q, k, scorer)
+    cuda = clip_table(pattern, GEOMETRY, CLIP, q.cuda(), k.cuda(), scorer.cuda())
+    pages = 2 * CLIP * GEOMETRY.pages_per_frame
+    assert torch.equal(cuda.visible_pages(pages).cpu(), cpu.visible_pages(pages))
