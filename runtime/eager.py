@@ -290,6 +290,20 @@ class EagerRunner:
         timestep: [B, F] or [B]; context: [B, L_text, text_dim]. With `commit` the chunk's
         clean K/V are written to the cache (the context pass at t = 0).
         """
+        start = self._check_call(x, start_frame, commit)
+        slots = self.cache.begin_chunk(start, commit)
+        try:
+            out = self.model.forward_cached(x, timestep, context, start, slots)
+        except BaseException:
+            self.cache.end_chunk(ok=False)
+            raise
+        self.cache.end_chunk(ok=True)
+        if commit:
+            self._next_frame += self.frames_per_chunk
+        return out
+
+    def _check_call(self, x: Tensor, start_frame: int, commit: bool) -> int:
+        """The checks of a call before it touches the cache; returns the start frame."""
         if self._batch_size is None:
             raise RuntimeError("EagerRunner.reset(...) must be called before running chunks")
         try:
@@ -316,13 +330,4 @@ class EagerRunner:
             raise ValueError(
                 f"x is {x.dtype} on {x.device}, reset was for {self._dtype} on {self._device}"
             )
-        slots = self.cache.begin_chunk(start, commit)
-        try:
-            out = self.model.forward_cached(x, timestep, context, start, slots)
-        except BaseException:
-            self.cache.end_chunk(ok=False)
-            raise
-        self.cache.end_chunk(ok=True)
-        if commit:
-            self._next_frame += self.frames_per_chunk
-        return out
+        return start
