@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from patterns import PersistentLocal
+from patterns import PersistentLocal, VideoGeometry
 from runtime import (
     AttentionRuntime,
     CausalWanModel,
@@ -27,6 +27,8 @@ from runtime import (
     reference_runner,
 )
 from runtime.distributed import HeadGroup, RankDisagreement, check_head_split
+from sparsify import sparsify
+from sparsify.defaults import example_chunk
 
 CHUNKS = 3
 TIMEOUT_S = 120
@@ -141,6 +143,12 @@ def _worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
         record["sparse"] = _rollout(sparse, config, context)
         record["sparse_bytes"] = sparse.peak_kv_bytes
         record["sparse_rejections"] = _check_rejections(sparse, config, context, rank, world)
+        if world == 2:  # the compiler's path too (once: capturing costs seconds per process)
+            geometry = VideoGeometry(config.tokens_per_frame, config.frames_per_chunk, 16, 16)
+            example = example_chunk(config, context)
+            module = sparsify(model, example, _pattern(), geometry=geometry, parallel="heads")
+            module.runtime.load_scorers_from(single.runtime)
+            record["sparsified"] = _rollout(module, config, context)
         torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
@@ -202,6 +210,17 @@ def test_head_parallel_rollout_equals_one_process(world, single_process):
             assert record[f"{impl}_bytes"] * world == single_process[f"{impl}_bytes"], impl
             rejections = record[f"{impl}_rejections"]
             assert rejections == dict.fromkeys(rejections, True), (impl, rank, rejections)
+        if world == 2:
+            torch.testing.assert_close(record["sparsified"], single_process["sparse"])
+
+
+def test_sparsify_parallel_option_is_checked():
+    config, model, context = _model_and_context()
+    example = example_chunk(config, context)
+    with pytest.raises(ValueError, match="parallel: expected one of"):
+        sparsify(model, example, _pattern(), parallel="sequence")
+    with pytest.raises(ValueError, match="parallel: 'heads' needs mode='cached'"):
+        sparsify(model, example, _pattern(), parallel="heads", mode="full_sequence")
 
 
 def test_world_size_must_divide_the_kv_heads():
