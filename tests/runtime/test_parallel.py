@@ -174,34 +174,48 @@ def single_process():
     }
 
 
-def _spawn(world: int) -> list[dict]:
+WORLDS = (2, 3)
+
+
+def _join(context, world: int, tmp: str, deadline: float) -> list[dict]:
+    try:
+        # join returns False each time one process ends while others still run
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world} gloo processes did not finish within {TIMEOUT_S} s")
+    except mp.ProcessRaisedException as exc:
+        errors = [f for f in os.listdir(tmp) if f.endswith(".err")]
+        details = "".join(Path(tmp, f).read_text() for f in sorted(errors))
+        pytest.fail(f"a rank of {world} failed: {exc}\n{details}")
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def parallel_records():
+    """Every rank's record, by world size; the 2- and 3-process groups run at the same time
+    (their start-up, mostly imports, then overlaps on the two cores of CI)."""
     with tempfile.TemporaryDirectory() as tmp:
-        context = mp.spawn(
-            _worker,
-            args=(world, f"file://{os.path.join(tmp, 'rendezvous')}", tmp),
-            nprocs=world,
-            join=False,
-        )
+        contexts = {}
         try:
+            for world in WORLDS:
+                folder = os.path.join(tmp, str(world))
+                os.mkdir(folder)
+                rendezvous = f"file://{os.path.join(folder, 'rendezvous')}"
+                contexts[world] = mp.spawn(
+                    _worker, args=(world, rendezvous, folder), nprocs=world, join=False
+                )
             deadline = time.monotonic() + TIMEOUT_S
-            # join returns False each time one process ends while others still run
-            while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{world} gloo processes did not finish within {TIMEOUT_S} s")
-        except mp.ProcessRaisedException as exc:
-            errors = [f for f in os.listdir(tmp) if f.endswith(".err")]
-            details = "".join(Path(tmp, f).read_text() for f in sorted(errors))
-            pytest.fail(f"a rank failed: {exc}\n{details}")
+            yield {w: _join(c, w, os.path.join(tmp, str(w)), deadline) for w, c in contexts.items()}
         finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+            for context in contexts.values():
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_head_parallel_rollout_equals_one_process(world, single_process):
-    records = _spawn(world)
+@pytest.mark.parametrize("world", WORLDS)
+def test_head_parallel_rollout_equals_one_process(world, single_process, parallel_records):
+    records = parallel_records[world]
     for rank, record in enumerate(records):
         for impl in ("dense", "sparse"):
             torch.testing.assert_close(
