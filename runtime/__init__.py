@@ -1,4 +1,5 @@
-"""Running the sparse AR rollout: the reference model, the eager KV caches, the rollout driver."""
+"""Running the sparse AR rollout: the reference model, the eager KV caches, the rollout driver,
+head-parallel execution on torch.distributed."""
 
 from runtime.attention_runtime import AttentionRuntime, StatefulRunner
 from runtime.attention_state import AttentionState
@@ -8,6 +9,12 @@ from runtime.clip_attention import ClipAttention
 from runtime.eager import EagerRunner, GlobalCache, RollingCache, self_forcing_cache
 from runtime.model import CausalWanModel
 from runtime.model_config import WanConfig, wan_parameter_count
+from runtime.parallel import (
+    HeadParallelRunner,
+    HeadParallelRuntime,
+    head_parallel_reference_runner,
+)
+from runtime.parallel_eager import HeadParallelEagerRunner
 from runtime.pool import PagePool
 from runtime.reference_runner import bind_reference_model, reference_runner
 from runtime.rollout import ChunkRunner, SelfForcingSchedule, generate
@@ -26,10 +33,14 @@ __all__ = [
     "ChunkRunner",
     "EagerRunner",
     "GlobalCache",
+    "HeadParallelEagerRunner",
+    "HeadParallelRunner",
+    "HeadParallelRuntime",
     "RollingCache",
     "SelfForcingSchedule",
     "WanConfig",
     "generate",
+    "head_parallel_reference_runner",
     "load_causal_wan",
     "self_forcing_cache",
     "wan_parameter_count",

@@ -57,14 +57,22 @@ class AttentionRuntime(nn.Module):
         self.pattern, self.geometry = pattern, geometry
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self._context = PassContext(backend=backend, debug=debug)
-        self.states = nn.ModuleList(
-            AttentionState(pattern, geometry, num_heads, num_kv_heads, head_dim, self._context)
-            for _ in range(num_layers)
-        )
+        self.states = nn.ModuleList(self._new_state() for _ in range(num_layers))
         self._num_frames = 0
         self._committed = 0
         self._broken = False
         self._pool_layout: tuple | None = None
+
+    def _new_state(self) -> AttentionState:
+        """One layer's state (``runtime.parallel`` makes states of this rank's heads)."""
+        return AttentionState(
+            self.pattern,
+            self.geometry,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self._context,
+        )
 
     @property
     def max_frames(self) -> int | None:

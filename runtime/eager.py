@@ -325,19 +325,7 @@ class EagerRunner:
         timestep: [B, F] or [B]; context: [B, L_text, text_dim]. With `commit` the chunk's
         clean K/V are written to the cache (the context pass at t = 0).
         """
-        if self._batch_size is None:
-            raise RuntimeError("EagerRunner.reset(...) must be called before running chunks")
-        start = check_chunk_call(
-            x,
-            start_frame,
-            commit,
-            next_frame=self._next_frame,
-            num_frames=self._num_frames,
-            frames_per_chunk=self.frames_per_chunk,
-            batch_size=self._batch_size,
-            dtype=self._dtype,
-            device=self._device,
-        )
+        start = self._check_call(x, start_frame, commit)
         slots = self.cache.begin_chunk(start, commit)
         try:
             out = self.model.forward_cached(x, timestep, context, start, slots)
@@ -348,3 +336,19 @@ class EagerRunner:
         if commit:
             self._next_frame += self.frames_per_chunk
         return out
+
+    def _check_call(self, x: Tensor, start_frame: int, commit: bool) -> int:
+        """The checks of a call before it touches the cache; returns the start frame."""
+        if self._batch_size is None:
+            raise RuntimeError("EagerRunner.reset(...) must be called before running chunks")
+        return check_chunk_call(
+            x,
+            start_frame,
+            commit,
+            next_frame=self._next_frame,
+            num_frames=self._num_frames,
+            frames_per_chunk=self.frames_per_chunk,
+            batch_size=self._batch_size,
+            dtype=self._dtype,
+            device=self._device,
+        )

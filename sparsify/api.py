@@ -27,7 +27,8 @@ from torch.fx import GraphModule
 
 from codegen.api import BACKENDS
 from patterns import Pattern, VideoGeometry
-from runtime import AttentionRuntime, CausalWanModel, FullSequenceAttention, StatefulRunner
+from runtime import AttentionRuntime, CausalWanModel, FullSequenceAttention
+from runtime.parallel import HeadParallelRuntime, stateful_runner
 from sparsify.capture import CAPTURE_METHODS
 from sparsify.classify import SELF, Verdict, classify, keep_reason
 from sparsify.defaults import default_geometry
@@ -40,8 +41,10 @@ from sparsify.sites import AttentionSite, find_sites
 from sparsify.spans import joint_reason
 
 MODES = ("cached", "full_sequence")
+PARALLEL = (None, "heads")
 OPTIONS = (
     "mode", "page_size", "q_block", "debug", "capture_methods", "cuda_graphs", "allow_dense",
+    "parallel",
 )  # fmt: skip
 FORMS = (
     "scaled_dot_product_attention (any spelling)",
@@ -76,7 +79,7 @@ class SparsifiedModule(nn.Module):
         self.plan = plan
         self.site_ids = dict(site_ids)  # plan row (site index) → id bound in sparsify.ops
         if isinstance(attention, AttentionRuntime):
-            self.runner = StatefulRunner(self._chunk, attention)
+            self.runner = stateful_runner(self._chunk, attention)
         else:
             self.attention = attention
 
@@ -277,7 +280,10 @@ def sparsify(
         passes as CUDA graphs, default True; see `runtime.graphs`),
         ``capture_methods`` (subset of `sparsify.capture.CAPTURE_METHODS`, in order),
         ``allow_dense`` (full-sequence mode: return a module even when no site can be
-        rewritten, default False).
+        rewritten, default False), ``parallel`` (cached mode: None, or "heads" for
+        head-parallel execution over torch.distributed's default process group, each rank
+        holding its heads' KV cache; every rank calls ``sparsify`` and the rollout alike;
+        see `runtime.parallel`).
 
     The graph is specialised to the example inputs' shapes, dtype and device (batch size,
     frames per call, text length): capture with the inputs you will run. Ints stay runtime
@@ -312,6 +318,11 @@ def sparsify(
         raise TypeError(f"allow_dense: expected a bool, got {type(allow_dense).__name__}")
     if allow_dense and mode == "cached":
         raise ValueError("allow_dense: cached mode needs every self-attention on the KV cache")
+    parallel = options.get("parallel")
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel: expected one of {PARALLEL}, got {parallel!r}")
+    if parallel is not None and mode != "cached":
+        raise ValueError(f"parallel: {parallel!r} needs mode='cached' (the paged KV cache)")
     args, kwargs = _split_inputs(example_inputs)
     if mode == "cached" and (kwargs or len(args) != 4):
         raise ValueError(
@@ -346,7 +357,9 @@ def sparsify(
             + "; ".join(f"site {s.index} ({s.module_path}): {reasons[s.index]}" for s in sites)
         )
     limit = model.config.max_frames if isinstance(model, CausalWanModel) else None
-    attention, modules = _attention(chosen, mode, pattern, geometry, backend, debug, limit)
+    attention, modules = _attention(
+        chosen, mode, pattern, geometry, backend, debug, limit, parallel
+    )
     site_ids = {s.index: bind(m) for s, m in zip(chosen, modules, strict=True)}
     rewrite(graph_module, sites, site_ids)
     rows = _plan_rows(
@@ -364,12 +377,13 @@ def sparsify(
 
 def _attention(
     chosen: list[AttentionSite], mode: str, pattern: Pattern, geometry: VideoGeometry,
-    backend: str, debug: bool, max_frames: int | None,
+    backend: str, debug: bool, max_frames: int | None, parallel: str | None,
 ) -> tuple[AttentionRuntime | nn.ModuleList, list[nn.Module]]:  # fmt: skip
     """The module owning the attention modules, and the module of each chosen site."""
     if mode == "cached":
         heads, kv_heads, head_dim = _heads(chosen[0])
-        runtime = AttentionRuntime(
+        runtime_type = HeadParallelRuntime if parallel == "heads" else AttentionRuntime
+        runtime = runtime_type(
             pattern, geometry, len(chosen), heads, kv_heads, head_dim, backend, debug, max_frames
         )
         return runtime, list(runtime.states)

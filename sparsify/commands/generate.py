@@ -6,6 +6,10 @@ KV cache) or through `sparsify` with a pattern; the prompt is encoded and the la
 by the UMT5 text encoder and VAE of a local Wan2.1 diffusers folder (`--wan-dir`, e.g. a
 download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers). A missing file or package is one line and
 exit code 2. Without a GPU it runs on the CPU (only practical for tiny models).
+
+``--parallel heads`` under ``torchrun --nproc-per-node N`` splits the heads over N processes
+(GPUs): each holds its heads' KV cache (dense or sparse alike, `runtime.parallel`); rank 0
+decodes and writes the MP4.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", default=None, help="LoRA file or PEFT folder (LongLive)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: r)")
     parser.add_argument("--no-ema", action="store_true", help="use 'generator', not the EMA")
+    parser.add_argument(
+        "--parallel",
+        choices=("heads",),
+        default=None,
+        help="under torchrun --nproc-per-node N: each of N ranks holds 1/N of the heads",
+    )
 
 
 def _fail(message: str) -> int:
@@ -62,18 +72,27 @@ def _pattern(name: str, geometry):
 
 
 def _runner(model, context, args, num_frames: int):
-    from runtime import EagerRunner, self_forcing_cache
+    from runtime import EagerRunner, HeadParallelEagerRunner, self_forcing_cache
     from sparsify.api import sparsify
+    from sparsify.commands.distributed import is_main_rank
     from sparsify.defaults import default_geometry, example_chunk
 
     if args.dense:
-        return EagerRunner(model, self_forcing_cache(num_frames))
+        cache = self_forcing_cache(num_frames)
+        if args.parallel:
+            return HeadParallelEagerRunner(model, cache)
+        return EagerRunner(model, cache)
     cfg = model.config
     geometry = default_geometry(cfg.tokens_per_frame, cfg.frames_per_chunk)
     module = sparsify(
-        model, example_chunk(cfg, context), _pattern(args.pattern, geometry), geometry
+        model,
+        example_chunk(cfg, context),
+        _pattern(args.pattern, geometry),
+        geometry,
+        parallel=args.parallel,
     )
-    print(module.plan)
+    if is_main_rank():
+        print(module.plan)
     return module
 
 
@@ -98,11 +117,18 @@ def run(args: argparse.Namespace) -> int:
         return _fail(problem)
     import torch
 
-    from runtime import CheckpointError, load_causal_wan
+    from runtime import CheckpointError, generate, load_causal_wan
     from runtime.pixels import num_chunks_for, video_from_context
     from runtime.wan_assets import encode_prompt, load_wan_assets, read_vae_config, vae_factors
+    from sparsify.commands.distributed import is_main_rank, join_torchrun
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.parallel:
+        try:
+            device = join_torchrun(args.device)
+        except RuntimeError as exc:
+            return _fail(str(exc))
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         factor = vae_factors(read_vae_config(args.wan_dir))[0]
@@ -131,7 +157,21 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     context = context.to(device, dtype)
+    if args.parallel:
+        import torch.distributed as dist
+
+        from runtime.distributed import check_head_split
+
+        try:
+            check_head_split(cfg.num_heads, cfg.num_kv_heads, dist.get_world_size())
+        except ValueError as exc:
+            return _fail(f"--parallel heads: {exc}")
     runner = _runner(model, context, args, num_frames)
+    if not is_main_rank():  # the same rollout as rank 0, whose latents it decodes
+        shape = (cfg.in_channels, cfg.latent_height, cfg.latent_width)
+        chunks = num_frames // cfg.frames_per_chunk
+        generate(runner, context, chunks, latent_shape=shape, seed=args.seed, progress=False)
+        return 0
     frames = video_from_context(
         runner, model, assets, context, args.out, seconds=args.seconds, seed=args.seed
     )
