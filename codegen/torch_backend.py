@@ -24,8 +24,13 @@ def _chunk_size(p: Problem) -> int:
 
 
 def pbsa_torch(p: Problem, return_lse: bool = True) -> tuple[Tensor, Tensor | None]:
-    """out in q's layout and dtype; lse float32 [B, H, Lq] (-inf, out 0 where nothing visible)."""
+    """out in q's layout and dtype; lse float32 [B, H, Lq] (-inf, out 0 where nothing visible).
+
+    Differentiable in q, k and v by autograd (the reference of the backward kernels).
+    float64 inputs are computed, and their lse returned, in float64 (for gradcheck).
+    """
     check_table_values(p)
+    acc = torch.float64 if p.q.dtype == torch.float64 else torch.float32
     k_pool, v_pool, page_lens = p.paged_kv()
     q = p.q_bhld()
     mq, qb, page, kmax = p.num_q_blocks, p.q_block, p.page_size, p.max_blocks
@@ -33,8 +38,8 @@ def pbsa_torch(p: Problem, return_lse: bool = True) -> tuple[Tensor, Tensor | No
     q = torch.nn.functional.pad(q, (0, 0, 0, pad_rows))
     q = q.reshape(p.batch, p.heads, mq, qb, p.head_dim)
 
-    out = torch.empty(p.batch, p.heads, mq, qb, p.head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(p.batch, p.heads, mq, qb, dtype=torch.float32, device=q.device)
+    out = torch.empty(p.batch, p.heads, mq, qb, p.head_dim, dtype=acc, device=q.device)
+    lse = torch.empty(p.batch, p.heads, mq, qb, dtype=acc, device=q.device)
     b_idx = torch.arange(p.batch, device=q.device).view(-1, 1, 1, 1)
     g_idx = (torch.arange(p.heads, device=q.device) // p.group).view(1, -1, 1, 1)
     slots = torch.arange(kmax, device=q.device)
@@ -47,19 +52,21 @@ def pbsa_torch(p: Problem, return_lse: bool = True) -> tuple[Tensor, Tensor | No
         listed = slots < counts.unsqueeze(-1)  # [B, H, mc, Kmax]
         # Padding slots may hold anything: point them at page 0 and mask them below.
         idx = torch.where(listed, p.kv_indices[:, :, m0:m1], 0).long()
-        k = k_pool[b_idx, g_idx, idx].float()  # [B, H, mc, Kmax, page, D]
-        v = v_pool[b_idx, g_idx, idx].float()
+        k = k_pool[b_idx, g_idx, idx].to(acc)  # [B, H, mc, Kmax, page, D]
+        v = v_pool[b_idx, g_idx, idx].to(acc)
         valid = listed.unsqueeze(-1) & (tokens < page_lens[b_idx, g_idx, idx].unsqueeze(-1))
         shape = (p.batch, p.heads, m1 - m0, kmax * page)
         k, v = k.reshape(*shape, p.head_dim), v.reshape(*shape, p.head_dim)
         valid = valid.reshape(shape)
 
-        s = torch.matmul(q[:, :, m0:m1].float(), k.transpose(-1, -2)) * p.scale
+        s = torch.matmul(q[:, :, m0:m1].to(acc), k.transpose(-1, -2)) * p.scale
         s = s.masked_fill(~valid.unsqueeze(-2), float("-inf"))
         # Shift by the row max as the kernel does: exp(s - max) is exact for tied logits at
         # any magnitude, where exp(s - lse) would carry lse's rounding (an ulp of 1 at 1e7).
         # Empty rows (max -inf) shift by 0, so exp(-inf) = 0 rather than NaN.
-        top = s.amax(dim=-1, keepdim=True)
+        # The shift cancels in out and lse, so it is a constant for autograd (detached: no
+        # gradient through amax's ties).
+        top = s.detach().amax(dim=-1, keepdim=True)
         top = torch.where(torch.isinf(top), 0.0, top)
         probs = torch.exp(s - top)
         total = probs.sum(dim=-1, keepdim=True)
