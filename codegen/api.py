@@ -11,6 +11,16 @@ from codegen.problem import validate
 BACKENDS = ("auto", "triton", "interpret", "torch")
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend that `backend` names for tensors on `device` ("auto": triton on
+    CUDA, torch elsewhere)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
 def pbsa_attention(
     q: Tensor,
     k: Tensor,
@@ -43,8 +53,7 @@ def pbsa_attention(
     `codegen.backward.pbsa_backward` on the same backend from the saved LSE); lse carries
     no gradient. The torch backend under autograd is the reference of the backward.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    backend = resolve_backend(backend, q.device if isinstance(q, Tensor) else torch.device("cpu"))
     p = validate(
         q,
         k,
@@ -57,8 +66,6 @@ def pbsa_attention(
         q_block=q_block,
         page_size=page_size,
     )
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
     if q.dtype == torch.float64 and backend != "torch":
         raise TypeError(f"q: float64 runs on backend='torch' only, not {backend!r}")
     # The op costs a dispatch per call: take it only where autograd or a compiler needs it.

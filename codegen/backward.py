@@ -29,6 +29,7 @@ def pbsa_backward(
         raise ValueError(f"backend: expected one of {BACKWARD_BACKENDS}, got {backend!r}")
     # The stand-in recomputes the forward under autograd; out and lse are not needed.
     del out, lse
+
     # Inside a custom op autograd is dispatched past; torch.func brings its own.
     def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return pbsa_torch(dataclasses.replace(p, q=q, k=k, v=v), return_lse=False)[0]

@@ -37,7 +37,9 @@ def test_gradcheck_float64_torch_backend(paged, layout):
 def test_gradients_match_the_float64_oracle():
     args = small_inputs(seed=5, dtype=torch.float64, q_len=40, q_scale=3.0)
     qkv, rest = _split(args)
-    grad = torch.randn(qkv[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(
+        qkv[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     out, _ = codegen.pbsa_attention(*qkv, **rest, backend="torch")
     got = torch.autograd.grad(out, qkv, grad)
     ref, _ = pbsa_reference(*qkv, **rest)
