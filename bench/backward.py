@@ -93,7 +93,8 @@ def run_case(case: KernelCase, seed: int = 0) -> list[dict]:
             if impl == "pbsa":
                 got = torch.autograd.grad(fwd[density, impl](), a[:3], grad)
                 errors[density] = max(
-                    float((g.float() - r.float()).abs().max()) for g, r in zip(got, ref)
+                    float((g.float() - r.float()).abs().max())
+                    for g, r in zip(got, ref, strict=True)
                 )
 
     samples = {key: ([], []) for key in fwd}
