@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
+from codegen.autograd import pbsa_op, run_forward
 from codegen.problem import validate
 
 BACKENDS = ("auto", "triton", "interpret", "torch")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend that `backend` names for tensors on `device` ("auto": triton on
+    CUDA, torch elsewhere)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
 
 
 def pbsa_attention(
@@ -35,10 +47,13 @@ def pbsa_attention(
     Returns out (q's shape, layout and dtype) and lse (float32 [B, H, Lq], natural log, -inf
     with out 0 for rows that see nothing) or None when return_lse is False.
     backend: "triton" (CUDA), "interpret" (the same kernel under TRITON_INTERPRET=1),
-    "torch" (gather-based), "auto" (triton on CUDA, torch elsewhere).
+    "torch" (gather-based; also float64), "auto" (triton on CUDA, torch elsewhere).
+
+    Differentiable in q, k and v (``torch.ops.sparse_forcing.pbsa``; the backward runs
+    `codegen.backward.pbsa_backward` on the same backend from the saved LSE); lse carries
+    no gradient. The torch backend under autograd is the reference of the backward.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    backend = resolve_backend(backend, q.device if isinstance(q, Tensor) else torch.device("cpu"))
     p = validate(
         q,
         k,
@@ -51,12 +66,15 @@ def pbsa_attention(
         q_block=q_block,
         page_size=page_size,
     )
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
-    if backend == "torch":
-        from codegen.torch_backend import pbsa_torch
-
-        return pbsa_torch(p, return_lse=return_lse)
-    from codegen.launch import pbsa_triton
-
-    return pbsa_triton(p, return_lse=return_lse, interpret=backend == "interpret")
+    if q.dtype == torch.float64 and backend != "torch":
+        raise TypeError(f"q: float64 runs on backend='torch' only, not {backend!r}")
+    # The op costs a dispatch per call: take it only where autograd or a compiler needs it.
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ):
+        out, lse = pbsa_op(
+            q, k, v, kv_num_blocks, kv_indices, page_lens,
+            p.scale, layout, q_block, p.page_size, backend,
+        )  # fmt: skip
+        return out, (lse if return_lse else None)
+    return run_forward(p, backend, return_lse)

@@ -19,6 +19,8 @@ from torch import Tensor
 
 LAYOUTS = ("BLHD", "BHLD")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is for the torch backend only: gradcheck of the autograd reference needs it.
+TORCH_DTYPES = (*DTYPES, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,10 @@ def validate(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if q.dtype not in DTYPES:
-        raise TypeError(f"q: expected dtype float32/float16/bfloat16, got {q.dtype}")
+    if q.dtype not in TORCH_DTYPES:
+        raise TypeError(
+            f"q: expected dtype float32/float16/bfloat16 (or float64, torch backend), got {q.dtype}"
+        )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} (q's), got {t.dtype}")

@@ -27,10 +27,15 @@ def _chunk_size(p: Problem, slabs: int = 2, scores: int = 1) -> int:
     return max(1, _CHUNK_BYTES // max(per_block, 1))
 
 
+def _acc(p: Problem) -> torch.dtype:
+    """The compute dtype: float64 for float64 inputs (gradcheck), float32 otherwise."""
+    return torch.float64 if p.q.dtype == torch.float64 else torch.float32
+
+
 def _gather(
     p: Problem, pools: tuple[Tensor, Tensor, Tensor], m0: int, m1: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Query blocks m0..m1's slabs: float32 k, v [B, H, mc, Kmax·page, D], their validity
+    """Query blocks m0..m1's slabs: k, v in the compute dtype [B, H, mc, Kmax·page, D], their validity
     [B, H, mc, Kmax·page] and the gathered page ids [B, H, mc, Kmax] (0 in padding slots)."""
     k_pool, v_pool, page_lens = pools
     dev = p.q.device
@@ -40,8 +45,8 @@ def _gather(
     listed = torch.arange(p.max_blocks, device=dev) < counts.unsqueeze(-1)  # [B, H, mc, Kmax]
     # Padding slots may hold anything: point them at page 0 and mask them.
     idx = torch.where(listed, p.kv_indices[:, :, m0:m1], 0).long()
-    k = k_pool[b_idx, g_idx, idx].float()  # [B, H, mc, Kmax, page, D]
-    v = v_pool[b_idx, g_idx, idx].float()
+    k = k_pool[b_idx, g_idx, idx].to(_acc(p))  # [B, H, mc, Kmax, page, D]
+    v = v_pool[b_idx, g_idx, idx].to(_acc(p))
     tokens = torch.arange(p.page_size, device=dev)
     valid = listed.unsqueeze(-1) & (tokens < page_lens[b_idx, g_idx, idx].unsqueeze(-1))
     shape = (p.batch, p.heads, m1 - m0, p.max_blocks * p.page_size)
@@ -49,9 +54,9 @@ def _gather(
 
 
 def _blocks(p: Problem, t: Tensor) -> Tensor:
-    """A q-shaped tensor as float32 [B, H, Mq, q_block, D], zero-padded past Lq."""
+    """A q-shaped tensor as [B, H, Mq, q_block, D] in the compute dtype, zero-padded past Lq."""
     t = t if p.layout == "BHLD" else t.transpose(1, 2)
-    t = torch.nn.functional.pad(t.float(), (0, 0, 0, p.num_q_blocks * p.q_block - p.q_len))
+    t = torch.nn.functional.pad(t.to(_acc(p)), (0, 0, 0, p.num_q_blocks * p.q_block - p.q_len))
     return t.reshape(p.batch, p.heads, p.num_q_blocks, p.q_block, p.head_dim)
 
 
@@ -62,13 +67,17 @@ def _unblock(p: Problem, t: Tensor) -> Tensor:
 
 
 def pbsa_torch(p: Problem, return_lse: bool = True) -> tuple[Tensor, Tensor | None]:
-    """out in q's layout and dtype; lse float32 [B, H, Lq] (-inf, out 0 where nothing visible)."""
+    """out in q's layout and dtype; lse float32 [B, H, Lq] (-inf, out 0 where nothing visible).
+
+    Differentiable in q, k and v by autograd (the reference of the backward kernels);
+    float64 inputs are computed, and their lse returned, in float64 (for gradcheck).
+    """
     check_table_values(p)
     pools = p.paged_kv()
     q = _blocks(p, p.q)
     mq = p.num_q_blocks
     out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=_acc(p), device=q.device)
     step = _chunk_size(p)
     for m0 in range(0, mq, step):
         m1 = min(mq, m0 + step)
@@ -78,7 +87,8 @@ def pbsa_torch(p: Problem, return_lse: bool = True) -> tuple[Tensor, Tensor | No
         # Shift by the row max as the kernel does: exp(s - max) is exact for tied logits at
         # any magnitude, where exp(s - lse) would carry lse's rounding (an ulp of 1 at 1e7).
         # Empty rows (max -inf) shift by 0, so exp(-inf) = 0 rather than NaN.
-        top = s.amax(dim=-1, keepdim=True)
+        # Detached: the shift cancels in the result, so it needs no gradient.
+        top = s.amax(dim=-1, keepdim=True).detach()
         top = torch.where(torch.isinf(top), 0.0, top)
         probs = torch.exp(s - top)
         total = probs.sum(dim=-1, keepdim=True)
@@ -102,14 +112,14 @@ def pbsa_torch_backward(
     pools = p.paged_kv()
     q, o, do = (_blocks(p, t) for t in (p.q, out, grad_out))
     mq, qb, page = p.num_q_blocks, p.q_block, p.page_size
-    lse = torch.nn.functional.pad(lse.float(), (0, mq * qb - p.q_len), value=float("-inf"))
+    lse = torch.nn.functional.pad(lse.to(_acc(p)), (0, mq * qb - p.q_len), value=float("-inf"))
     # Rows that saw nothing (and padding rows) get +inf, so exp(s - lse) = 0 for them.
     lse = torch.where(torch.isinf(lse), float("inf"), lse).reshape(p.batch, p.heads, mq, qb, 1)
     delta = (do * o).sum(-1, keepdim=True)
     dq = torch.empty_like(q)
     # dK/dV accumulate per (b, kv head, page) row of a flat pool.
     rows = p.batch * p.kv_heads * p.num_pages
-    dk = torch.zeros(rows, page, p.head_dim, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(rows, page, p.head_dim, dtype=_acc(p), device=q.device)
     dv = torch.zeros_like(dk)
     b_idx = torch.arange(p.batch, device=q.device).view(-1, 1, 1, 1)
     g_idx = (torch.arange(p.heads, device=q.device) // p.group).view(1, -1, 1, 1)

@@ -243,6 +243,16 @@ class AttentionState(PatternLayer):
             self._commit(pool, view)
         return out
 
+    def site_backward(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor):
+        """Not supported: a cached rollout step reads and writes the KV cache (state), so its
+        gradient would have to reach past chunks through entries that no longer hold their
+        graph. Train a rewritten model in full-sequence mode instead."""
+        raise RuntimeError(
+            "backward through a cached rollout step (AttentionState) is not supported: the "
+            "KV cache is state and carries no gradient; run rollouts under torch.no_grad(), "
+            "and train with sparsify(..., mode='full_sequence')"
+        )
+
     # -- commit (see ``runtime.commit``) ----------------------------------------------------
 
     def _commit_plan(self) -> CommitPlan:

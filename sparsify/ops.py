@@ -6,6 +6,12 @@ in the AR rollout, a `runtime.FullSequenceAttention` for bidirectional models). 
 weak: the `SparsifiedModule` owns its attention modules, and a graph that outlives them fails
 with a clear error instead of keeping them alive. The fake implementation lets the rewritten
 graph be exported and compiled again.
+
+Autograd: the backward is ``sparse_forcing::pbsa_site_backward`` (an op of its own, so that a
+compiled training step traces it through its fake implementation), which asks the bound
+module's ``site_backward(q, k, v, out, grad_out) -> (dq, dk, dv)``. A module without one (the
+cached rollout's `runtime.AttentionState`, whose KV cache is state) makes backward fail
+with a clear error; gradients never flow into past cache entries.
 """
 
 from __future__ import annotations
@@ -55,5 +61,38 @@ def pbsa_site(q: Tensor, k: Tensor, v: Tensor, site_id: int) -> Tensor:
 def _(q: Tensor, k: Tensor, v: Tensor, site_id: int) -> Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
+
+@torch.library.custom_op("sparse_forcing::pbsa_site_backward", mutates_args=())
+def pbsa_site_backward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor, site_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one rewritten site, from the module bound to `site_id`."""
+    module = bound(site_id)
+    backward = getattr(module, "site_backward", None)
+    if backward is None:
+        raise RuntimeError(
+            f"sparse_forcing.pbsa_site: site {site_id} is bound to a "
+            f"{type(module).__name__}, which has no site_backward: it is not differentiable"
+        )
+    return tuple(g.contiguous() for g in backward(q, k, v, out, grad_out))
+
+
+@pbsa_site_backward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor, site_id: int):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    q, k, v, site_id = inputs
+    ctx.save_for_backward(q, k, v, output)
+    ctx.site_id = site_id
+
+
+def _backward(ctx, grad_out: Tensor) -> tuple:
+    q, k, v, out = ctx.saved_tensors
+    return (*pbsa_site_backward(q, k, v, out, grad_out, ctx.site_id), None)
+
+
+pbsa_site.register_autograd(_backward, setup_context=_setup_context)
 
 PBSA_SITE: Callable[..., Tensor] = torch.ops.sparse_forcing.pbsa_site.default

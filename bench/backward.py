@@ -1,0 +1,199 @@
+"""Backward benchmark (BENCHMARKS.md): PBSA forward + backward vs compiled flex and dense SDPA.
+
+    python -m bench.backward --json out.json [--cases sf5s,paper65k] [--world-step]
+
+The kernel benchmark's cases, densities, inputs and block tables (`codegen.samples`,
+`bench.kernel`). Per implementation the forward (`ms`) and the backward alone (`bwd_ms`:
+``torch.autograd.grad`` of dQ, dK, dV over a retained graph, so no forward in it) are timed
+in `bench.kernel.ROUNDS` interleaved rounds, medians. `flex` is `torch.compile(flex_attention)`
+with the same `BlockMask` (its backward is compiled too); `sdpa_dense` is the fastest SDPA
+backend by backward time. Records carry the kernel benchmark's columns plus `bwd_ms`,
+`bwd_tflops` (2.5x the forward's FLOPs: dS, dQ, dK, dV and the recomputed QKᵀ),
+`bwd_speedup_vs_sdpa`, `bwd_speedup_vs_flex` and `bwd_efficiency` (= bwd_speedup_vs_sdpa /
+ideal_speedup: throughput per computed block relative to SDPA's backward).
+
+`--world-step` adds one training step (forward, backward, AdamW step) of the world model
+(`world.weights.load_world_model`) on a clip of random latents, in full-sequence mode:
+the model itself (SDPA, dense) against `sparsify(model, default pattern, mode="full_sequence")`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import device_record, time_ms, write_json
+from bench.kernel import ROUNDS, _record, computed_tokens, flex_block_mask, sdpa_backends
+from codegen.samples import CASES, PAGE, Q_BLOCK, KernelCase, build_table, case_tensors
+from sparsify.tables import format_table
+
+BWD_FLOP_RATIO = 2.5
+
+
+def _grad_timer(run: Callable[[], torch.Tensor], inputs: tuple) -> Callable[[], object]:
+    """A callable timing only the backward of `run()`'s output (graph kept between calls)."""
+    out = run()
+    grad = torch.randn_like(out)
+    return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+
+
+def run_case(case: KernelCase, seed: int = 0) -> list[dict]:
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    import codegen
+
+    dev = torch.device("cuda")
+    q, k, v, k_pool, v_pool, page_lens = (
+        t.requires_grad_() if t.is_floating_point() else t for t in case_tensors(case, dev, seed)
+    )
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    fwd: dict[tuple[float | None, str], Callable[[], object]] = {}
+    bwd: dict[tuple[float | None, str], Callable[[], object]] = {}
+
+    sdpa_bwd = {}
+    for name, backend in sdpa_backends().items():
+        try:
+            with sdpa_kernel([backend]):
+                timer = _grad_timer(lambda: F.scaled_dot_product_attention(qt, kt, vt), (q, k, v))
+                sdpa_bwd[name] = (time_ms(timer), backend, timer)
+        except RuntimeError as err:
+            print(f"sdpa {name}: unavailable ({str(err)[:80]})", file=sys.stderr)
+    sdpa_name = min(sdpa_bwd, key=lambda n: sdpa_bwd[n][0])
+    sdpa_backend = sdpa_bwd[sdpa_name][1]
+
+    def sdpa() -> None:
+        with sdpa_kernel([sdpa_backend]):
+            F.scaled_dot_product_attention(qt, kt, vt)
+
+    fwd[None, "sdpa_dense"], bwd[None, "sdpa_dense"] = sdpa, sdpa_bwd[sdpa_name][2]
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    kw = dict(layout="BLHD", q_block=Q_BLOCK, page_size=PAGE, return_lse=False)
+    computed, errors = {}, {}
+    for density in case.densities:
+        counts, idx = build_table(case, density, dev, seed)
+        computed[density] = computed_tokens(case, counts)
+        mask = flex_block_mask(case, counts, idx)
+        fwd[density, "flex"] = lambda m=mask: flex(qt, kt, vt, block_mask=m)
+        bwd[density, "flex"] = _grad_timer(fwd[density, "flex"], (q, k, v))
+        grad = torch.randn_like(q)
+        ref = torch.autograd.grad(fwd[density, "flex"]().transpose(1, 2), (q, k, v), grad)
+        for impl, a in (
+            ("pbsa", (q, k, v, counts, idx, None)),
+            ("pbsa_paged", (q, k_pool, v_pool, counts, idx, page_lens)),
+        ):
+            fwd[density, impl] = lambda a=a: codegen.pbsa_attention(*a, **kw)[0]
+            bwd[density, impl] = _grad_timer(fwd[density, impl], a[:3])
+            if impl == "pbsa":
+                got = torch.autograd.grad(fwd[density, impl](), a[:3], grad)
+                errors[density] = max(
+                    float((g.float() - r.float()).abs().max())
+                    for g, r in zip(got, ref, strict=True)
+                )
+
+    samples = {key: ([], []) for key in fwd}
+    for _ in range(ROUNDS):
+        for key in fwd:
+            samples[key][0].append(time_ms(fwd[key]))
+            samples[key][1].append(time_ms(bwd[key]))
+    ms = {key: statistics.median(s[0]) for key, s in samples.items()}
+    bwd_ms = {key: statistics.median(s[1]) for key, s in samples.items()}
+
+    def record(density, impl, tokens, **extra) -> dict:
+        key = (density, impl)
+        rec = _record(case, density, impl, ms[key], tokens, bwd_ms=bwd_ms[key], **extra)
+        rec["bwd_tflops"] = rec["tflops"] * ms[key] / bwd_ms[key] * BWD_FLOP_RATIO
+        rec["speedup_vs_sdpa"] = ms[None, "sdpa_dense"] / ms[key]
+        rec["bwd_speedup_vs_sdpa"] = bwd_ms[None, "sdpa_dense"] / bwd_ms[key]
+        rec["efficiency"] = rec["speedup_vs_sdpa"] / rec["ideal_speedup"]
+        rec["bwd_efficiency"] = rec["bwd_speedup_vs_sdpa"] / rec["ideal_speedup"]
+        if density is not None:
+            rec["speedup_vs_flex"] = ms[density, "flex"] / ms[key]
+            rec["bwd_speedup_vs_flex"] = bwd_ms[density, "flex"] / bwd_ms[key]
+        return rec
+
+    records = [record(None, "sdpa_dense", float(case.kv_tokens), sdpa_backend=sdpa_name)]
+    for density in case.densities:
+        for impl in ("flex", "pbsa", "pbsa_paged"):
+            extra = {"max_abs_grad_diff_vs_flex": errors[density]} if impl == "pbsa" else {}
+            records.append(record(density, impl, computed[density], **extra))
+    return records
+
+
+def world_step(rounds: int = ROUNDS) -> list[dict]:
+    """One training step of the world model, dense vs sparse (full-sequence mode)."""
+    from sparsify import sparsify
+    from sparsify.defaults import default_geometry, default_pattern
+    from world.weights import load_world_model
+
+    dev = torch.device("cuda")
+    records = []
+    model = load_world_model(device=dev, dtype=torch.bfloat16).train()
+    cfg = model.config
+    frames = 4 * cfg.frames_per_chunk
+    g = torch.Generator(device=dev).manual_seed(0)
+    shape = (1, cfg.in_channels, frames, cfg.latent_height, cfg.latent_width)
+    x = torch.randn(shape, device=dev, generator=g).bfloat16()
+    target = torch.randn(shape, device=dev, generator=g)
+    timestep = torch.full((1, frames), 500.0, device=dev, dtype=torch.bfloat16)
+    context = torch.zeros(1, cfg.text_len, cfg.text_dim, device=dev, dtype=torch.bfloat16)
+    geometry = default_geometry(cfg.tokens_per_frame, cfg.frames_per_chunk)
+    pattern = default_pattern(geometry)
+    sparse = sparsify(
+        model, (x, timestep, context, 0), pattern, geometry=geometry, mode="full_sequence"
+    )
+    for impl, module in (("dense", model), ("sparse", sparse)):
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
+
+        def step(module=module, opt=opt) -> None:
+            loss = F.mse_loss(module(x, timestep, context, 0).float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        times = [time_ms(step, warmup=3, rep=10) for _ in range(rounds)]
+        records.append(dict(impl=impl, pattern=str(pattern) if impl == "sparse" else "dense",
+                            frames=frames, step_ms=statistics.median(times)))  # fmt: skip
+    records[1]["speedup"] = records[0]["step_ms"] / records[1]["step_ms"]
+    return records
+
+
+COLUMNS = [
+    "case", "density", "impl", "ms", "bwd_ms", "computed_kv_tokens", "bwd_tflops",
+    "bwd_speedup_vs_sdpa", "bwd_speedup_vs_flex", "ideal_speedup", "efficiency",
+    "bwd_efficiency",
+]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None, help="write records here")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--world-step", action="store_true", help="also time a world train step")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.backward needs a CUDA device", file=sys.stderr)
+        return 2
+    records = []
+    for name in args.cases.split(","):
+        if name not in CASES:
+            parser.error(f"--cases: unknown case {name!r}; expected some of {sorted(CASES)}")
+        records += run_case(CASES[name])
+    world = world_step() if args.world_step else []
+    card = device_record()
+    write_json(args.json, dict(device=card, records=records, world_step=world))
+    print(card)
+    if world:
+        print(format_table(world, ["impl", "frames", "step_ms", "speedup"]))
+    print(format_table(records, COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
