@@ -148,6 +148,22 @@ def _recall(scorer: BlockScorer | None, groups: Sequence[_Prepared], topk: int |
     return total / count
 
 
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, run the optimisation steps on one intra-op thread: each is a few hundred
+    tiny ops, and a thread pool only adds barrier waits (seconds per step on a loaded
+    2-core machine instead of milliseconds)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _check_scorers(scorers: Sequence[BlockScorer]) -> list[BlockScorer]:
     scorers = list(scorers)
     if not scorers or not all(isinstance(s, BlockScorer) for s in scorers):
@@ -314,7 +330,11 @@ def train_scorers(
 
     if val_items is not None:
         validate(0)
-    with torch.enable_grad(), tqdm(range(steps), desc="train scorers", disable=not progress) as bar:
+    with (
+        torch.enable_grad(),
+        _one_cpu_thread(params[0].device),
+        tqdm(range(steps), desc="train scorers", disable=not progress) as bar,
+    ):
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
             loss = mean_kl(train_items)

@@ -44,7 +44,7 @@ from runtime import (
 from world import metrics
 from world.latent import frames_to_latents, latents_to_frames
 from world.scenes import TRAIN_FRAMES, SceneBatch, render
-from world.scorers import load_world_scorer, recall_table
+from world.scorers import load_world_scorer, recall_table, world_geometry
 
 PREFIX_FRAMES = 3
 """Clean frames given before sampling: the first chunk, which determines the scene."""
@@ -61,12 +61,6 @@ class Contender:
     scorer: str | None = None  # "learned", "identity" or None (no scorer involved)
     pattern: Pattern | None = None  # None: an eager dense cache (see `cache_frames`)
     cache_frames: int | None = None  # eager dense cache window; None keeps every frame
-
-
-def world_geometry(model: CausalWanModel, page_size: int = 32) -> VideoGeometry:
-    """The world model's page layout: 8 pages of 32 tokens per 256-token frame."""
-    cfg = model.config
-    return VideoGeometry(cfg.tokens_per_frame, cfg.frames_per_chunk, page_size, page_size)
 
 
 def contenders(geometry: VideoGeometry, *, learned: bool) -> list[Contender]:

@@ -37,6 +37,12 @@ SCORER_TRAIN_SEED, SCORER_VAL_SEED = 1000, 2000
 """First scene seed of the scorer's training and validation scenes (both held in)."""
 
 
+def world_geometry(model: CausalWanModel, page_size: int = 32) -> VideoGeometry:
+    """The world model's page layout: 8 pages of 32 tokens per 256-token frame."""
+    cfg = model.config
+    return VideoGeometry(cfg.tokens_per_frame, cfg.frames_per_chunk, page_size, page_size)
+
+
 def scorer_host(model: CausalWanModel, geometry: VideoGeometry) -> AttentionRuntime:
     """An attention runtime for `model` whose states hold identity-initialised scorers."""
     cfg = model.config
@@ -212,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    from world.quality import world_geometry  # imports this module
     from world.weights import load_world_model
 
     model = load_world_model(device=args.device)
