@@ -15,7 +15,6 @@ table. See the quality section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from world.quality import (
     world_geometry,
 )
 from world.scenes import heldout_seeds
-from world.scorers import DEFAULT_SCORERS, train_world_scorer
+from world.scorers import DEFAULT_SCORERS, SCORER_TRAIN_SEED, SCORER_VAL_SEED, train_world_scorer
 from world.video import plot_error_vs_horizon
 from world.weights import WEIGHTS_DIR, load_world_model
 
@@ -76,19 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     model = load_world_model(Path(models[0][1]), device=device)
     geometry = world_geometry(model)
     if args.train_scorers:
-        start = time.perf_counter()
-        report = train_world_scorer(
+        provenance = train_world_scorer(
             model,
-            list(range(1000, 1016)),
+            list(range(SCORER_TRAIN_SEED, SCORER_TRAIN_SEED + 16)),
+            list(range(SCORER_VAL_SEED, SCORER_VAL_SEED + 4)),
             heldout_seeds(args.seeds + 8)[args.seeds :],
             geometry,
             args.scorers,
             steps=args.scorer_steps,
             device=device,
+            command="python -m bench.quality --train-scorers",
         )
+        recall = provenance["recall"]
         print(
-            f"scorer: recall@25% {report['mean_recall_before']:.3f} (identity) -> "
-            f"{report['mean_recall_after']:.3f} (learned) in {time.perf_counter() - start:.0f} s"
+            "scorer: recall@25% "
+            + ", ".join(f"{name} {row['0.25']:.3f}" for name, row in recall.items())
+            + f" in {provenance['seconds']:.0f} s"
         )
     horizons = horizons_for([float(m) for m in args.multiples.split(",")])
     only = args.only.split(",") if args.only else None

@@ -27,7 +27,7 @@ from patterns.scoring import (
     query_block_rows,
 )
 from patterns.selection import topk_mask
-from patterns.training import capture_qk, scorer_recall, train_scorers
+from patterns.training import capture_qk, recall_table, scorer_recall, train_scorers
 
 __all__ = [
     "BlockScorer",
@@ -57,6 +57,7 @@ __all__ = [
     "plot_recall_heatmap",
     "topk_mask",
     "topk_recall",
+    "recall_table",
     "scorer_recall",
     "train_scorers",
 ]

@@ -1,20 +1,19 @@
 """Scorer weights files: the projections of every ``BlockScorer`` of a model, in safetensors.
 
 Keys are module paths (``"blocks.3.attn.scorer.wq"``), so a file loads into any module of the
-same structure. A file is written atomically (a temporary file in the same folder, then
-renamed over the target) and checked in full when read back: every key the module expects,
-no other, each a finite floating-point tensor of the shape of the projection it is loaded
-into. A rejected file changes nothing.
+same structure. A file is written atomically (``patterns.files.atomic_path``) and checked in
+full when read back: every key the module expects, no other, each a finite floating-point
+tensor of the shape of the projection it is loaded into. A rejected file changes nothing.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 from torch import Tensor, nn
 
+from patterns.files import atomic_path
 from patterns.scoring import iter_scorers
 
 __all__ = ["save_scorers", "load_scorers"]
@@ -50,15 +49,8 @@ def save_scorers(module: nn.Module, path: str | os.PathLike) -> None:
     if not tensors:
         raise ValueError(f"module contains no BlockScorer ({type(module).__name__})")
     _check_values(tensors, f"module {type(module).__name__}")
-    target = os.path.abspath(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(save(tensors))
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(save(tensors))
 
 
 def load_scorers(module: nn.Module, path: str | os.PathLike) -> None:

@@ -10,6 +10,11 @@ block, how the dense attention of the real tokens distributes over key blocks::
 The scorer only touches block representatives, so the dense targets and the pooled inputs
 are computed once up front and every optimisation step is cheap.
 
+Recall is reported against its ceiling: the *oracle* selects each query block's top key
+blocks by the true mass itself, which no scorer can beat. Where many heads attend almost
+uniformly (as in a small trained model), the oracle itself keeps little more than the
+selected fraction of the mass, and a scorer should be judged by how close it gets to it.
+
 Samples are ``(q, k)`` pairs in BLHD: q ``[B, Lq, H, D]`` (the queries of one attention call)
 and k ``[B, Lk, Hkv, D]`` (all keys those queries attend to, contiguous; key block n is tokens
 ``[n·kv_block, (n+1)·kv_block)``), e.g. recorded from any model by ``capture_qk``.
@@ -36,7 +41,7 @@ from patterns.scoring import (
     query_block_rows,
 )
 
-__all__ = ["QKSample", "capture_qk", "scorer_recall", "train_scorers"]
+__all__ = ["QKSample", "capture_qk", "recall_table", "scorer_recall", "train_scorers"]
 
 QKSample = tuple[Tensor, Tensor] | Mapping[str, Tensor]
 """One captured attention call: ``(q, k)`` or ``{"q": q, "k": k}``, BLHD."""
@@ -125,13 +130,15 @@ def _resolve_topk(topk: int | float, num_blocks: int) -> int:
     return min(topk, num_blocks)
 
 
-def _recall(scorer: BlockScorer, groups: Sequence[_Prepared], topk: int | float) -> float:
-    """Top-K recall averaged over heads and batch entries of all samples."""
+def _recall(scorer: BlockScorer | None, groups: Sequence[_Prepared], topk: int | float) -> float:
+    """Top-K recall averaged over heads and batch entries of all samples; ``scorer`` None
+    ranks by the true mass (the oracle)."""
     with torch.no_grad():
         total, count = 0.0, 0
         for item in groups:
+            scores = item.mass if scorer is None else scorer.block_logits(item.q_reps, item.k_reps)
             recall = topk_recall(
-                scorer.block_logits(item.q_reps, item.k_reps),
+                scores,
                 item.mass,
                 _resolve_topk(topk, item.mass.shape[-1]),
                 row_weights=item.row_weights,
@@ -139,6 +146,22 @@ def _recall(scorer: BlockScorer, groups: Sequence[_Prepared], topk: int | float)
             total += float(recall.mean()) * item.mass.shape[0]
             count += item.mass.shape[0]
     return total / count
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, run the optimisation steps on one intra-op thread: each is a few hundred
+    tiny ops, and a thread pool only adds barrier waits (seconds per step on a loaded
+    2-core machine instead of milliseconds)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_scorers(scorers: Sequence[BlockScorer]) -> list[BlockScorer]:
@@ -173,6 +196,45 @@ def _prepare_layers(
     ]
 
 
+def recall_table(
+    scorer_sets: Mapping[str, Sequence[BlockScorer]],
+    samples: Sequence[Sequence[QKSample]],
+    *,
+    q_block: int,
+    kv_block: int,
+    topk: Sequence[int | float] = (0.25, 0.125),
+) -> dict[str, dict[int | float, float]]:
+    """Recall of several scorer sets and of the oracle on the same samples.
+
+    scorer_sets: name -> one scorer per layer (all sets of the same layout; "oracle" is
+    reserved). Returns ``{"oracle": {size: recall}, name: {size: recall}, ...}``: for each
+    selection size in ``topk`` (as in ``train_scorers``), the dense attention mass inside every
+    query block's top key blocks, averaged over layers, heads and samples. The dense targets
+    are computed once for every set and size.
+    """
+    if not isinstance(scorer_sets, Mapping) or not scorer_sets:
+        raise TypeError("scorer_sets must be a non-empty mapping of name -> scorers")
+    if "oracle" in scorer_sets:
+        raise ValueError('scorer_sets: the name "oracle" is reserved for the ceiling')
+    sets = {name: _check_scorers(scorers) for name, scorers in scorer_sets.items()}
+    first = next(iter(sets.values()))
+    for name, scorers in sets.items():
+        layout = [(s.num_heads, s.num_kv_heads, s.head_dim) for s in scorers]
+        if layout != [(s.num_heads, s.num_kv_heads, s.head_dim) for s in first]:
+            raise ValueError(f"scorer_sets[{name!r}] differs in layout from the first set")
+    for size in topk:
+        _check_topk(size)
+    items = _prepare_layers(first, samples, "samples", q_block, kv_block)
+    table = {}
+    for name, scorers in {"oracle": [None] * len(first), **sets}.items():
+        table[name] = {
+            size: sum(_recall(s, layer, size) for s, layer in zip(scorers, items, strict=True))
+            / len(items)
+            for size in topk
+        }
+    return table
+
+
 def scorer_recall(
     scorers: Sequence[BlockScorer],
     samples: Sequence[Sequence[QKSample]],
@@ -181,21 +243,11 @@ def scorer_recall(
     kv_block: int,
     topk: Sequence[int | float] = (0.25, 0.125),
 ) -> dict[int | float, float]:
-    """Recall of each selection size in ``topk``: the dense attention mass inside every query
-    block's top key blocks by the scorers' logits, averaged over layers, heads and samples.
-
-    Arguments as in ``train_scorers`` (one scorer and one sequence of ``(q, k)`` samples per
-    layer). The dense targets are computed once for all sizes.
-    """
-    scorers = _check_scorers(scorers)
-    for size in topk:
-        _check_topk(size)
-    items = _prepare_layers(scorers, samples, "samples", q_block, kv_block)
-    return {
-        size: sum(_recall(s, layer, size) for s, layer in zip(scorers, items, strict=True))
-        / len(scorers)
-        for size in topk
-    }
+    """``recall_table`` of one scorer set: ``{size: recall}``."""
+    table = recall_table(
+        {"scorers": scorers}, samples, q_block=q_block, kv_block=kv_block, topk=topk
+    )
+    return table["scorers"]
 
 
 def train_scorers(
@@ -209,6 +261,9 @@ def train_scorers(
     topk: int | float = 0.25,
     weight_decay: float = 0.0,
     eval_samples: Sequence[Sequence[QKSample]] | None = None,
+    val_samples: Sequence[Sequence[QKSample]] | None = None,
+    eval_every: int = 25,
+    patience: int = 4,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train each layer's scorer to predict its dense block attention mass.
@@ -218,47 +273,95 @@ def train_scorers(
     BLHD (see the module doc). Every step is one AdamW update on the KL of all samples of
     all layers (full batch: the scorer works on block means only, so this stays cheap).
 
+    Early stopping: with ``val_samples`` (same format, other scenes than ``samples``) the
+    validation KL is measured every ``eval_every`` steps; training stops after ``patience``
+    measurements without improvement and the scorers keep the parameters of the best one.
+
     Recall is measured before and after at a fixed selection size ``topk`` per query block
     (an int number of key blocks, or a float fraction of them, rounded up) on
-    ``eval_samples`` (same format) or, if not given, on ``samples``.
+    ``eval_samples`` (same format) or, if not given, on ``samples``, next to the oracle's.
 
-    Returns ``{"loss": [steps floats], "recall_before": [per layer], "recall_after": [per
-    layer], "mean_recall_before": float, "mean_recall_after": float}``.
+    Returns ``{"loss": [one float per step run], "val_loss": [(step, float)], "best_step":
+    int, "recall_before": [per layer], "recall_after": [per layer], "recall_oracle": [per
+    layer], "mean_recall_before", "mean_recall_after", "mean_recall_oracle": float}``.
     """
     scorers = _check_scorers(scorers)
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
+    for value, name in ((eval_every, "eval_every"), (patience, "patience")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     _check_topk(topk)
 
     def prepare_all(per_layer: Sequence[Sequence[QKSample]], name: str) -> list[list[_Prepared]]:
         return _prepare_layers(scorers, per_layer, name, q_block, kv_block)
 
+    def mean_kl(items: list[list[_Prepared]]) -> Tensor:
+        return torch.stack(
+            [_kl_loss(s, groups) for s, groups in zip(scorers, items, strict=True)]
+        ).mean()
+
     train_items = prepare_all(samples, "samples")
     eval_items = train_items if eval_samples is None else prepare_all(eval_samples, "eval_samples")
+    val_items = None if val_samples is None else prepare_all(val_samples, "val_samples")
 
-    recall_before = [_recall(s, items, topk) for s, items in zip(scorers, eval_items, strict=True)]
+    def recalls(scorer_list: Sequence[BlockScorer | None]) -> list[float]:
+        return [_recall(s, items, topk) for s, items in zip(scorer_list, eval_items, strict=True)]
+
+    recall_before = recalls(scorers)
     params = [p for s in scorers for p in s.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
-    with torch.enable_grad(), tqdm(range(steps), desc="train scorers", disable=not progress) as bar:
-        for _ in bar:
+    val_losses: list[tuple[int, float]] = []
+    best: tuple[float, int, list[Tensor]] | None = None  # (val KL, step, parameters)
+
+    def validate(step: int) -> bool:
+        """Record the validation KL after ``step`` steps; True when training should stop."""
+        nonlocal best
+        with torch.no_grad():
+            value = float(mean_kl(val_items))
+        val_losses.append((step, value))
+        if best is None or value < best[0]:
+            best = (value, step, [p.detach().clone() for p in params])
+        stale = sum(1 for s, _ in val_losses if s > best[1])
+        return stale >= patience
+
+    if val_items is not None:
+        validate(0)
+    with (
+        torch.enable_grad(),
+        _one_cpu_thread(params[0].device),
+        tqdm(range(steps), desc="train scorers", disable=not progress) as bar,
+    ):
+        for step in bar:
             optimizer.zero_grad(set_to_none=True)
-            loss = torch.stack(
-                [_kl_loss(s, groups) for s, groups in zip(scorers, train_items, strict=True)]
-            ).mean()
+            loss = mean_kl(train_items)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
-    recall_after = [_recall(s, items, topk) for s, items in zip(scorers, eval_items, strict=True)]
+            done = step + 1
+            due = val_items is not None and (done % eval_every == 0 or done == steps)
+            if due and validate(done):
+                break
+    if best is not None:
+        with torch.no_grad():
+            for param, value in zip(params, best[2], strict=True):
+                param.copy_(value)
+    recall_after = recalls(scorers)
+    recall_oracle = recalls([None] * len(scorers))
     return {
         "loss": losses,
+        "val_loss": val_losses,
+        "best_step": len(losses) if best is None else best[1],
         "recall_before": recall_before,
         "recall_after": recall_after,
+        "recall_oracle": recall_oracle,
         "mean_recall_before": sum(recall_before) / len(recall_before),
         "mean_recall_after": sum(recall_after) / len(recall_after),
+        "mean_recall_oracle": sum(recall_oracle) / len(recall_oracle),
     }
 
 

@@ -14,7 +14,8 @@ continuation. Every contender runs the same scenes with the same noise:
   with untrained weights, dense cache).
 
 A record per contender and horizon: ``pattern, scorer, horizon_frames, mse, psnr,
-reappear_mse, reappear_pixels, stat_drift, recall_25, recall_12, peak_kv_bytes, seconds``.
+reappear_mse, reappear_pixels, stat_drift, recall_25, recall_12, recall_oracle_25,
+recall_oracle_12 (the ceiling of any scorer), peak_kv_bytes, seconds``.
 Errors at a horizon H are averaged over the last training clip's worth of generated frames
 before H (frames ``(H - TRAIN_FRAMES, H]`` after the prefix), so 1x, 4x and 10x are the
 errors of the first, fourth and tenth clip-length stretch of video.
@@ -43,7 +44,7 @@ from runtime import (
 from world import metrics
 from world.latent import frames_to_latents, latents_to_frames
 from world.scenes import TRAIN_FRAMES, SceneBatch, render
-from world.scorers import load_world_scorer, scorer_recall
+from world.scorers import load_world_scorer, recall_table, world_geometry
 
 PREFIX_FRAMES = 3
 """Clean frames given before sampling: the first chunk, which determines the scene."""
@@ -60,12 +61,6 @@ class Contender:
     scorer: str | None = None  # "learned", "identity" or None (no scorer involved)
     pattern: Pattern | None = None  # None: an eager dense cache (see `cache_frames`)
     cache_frames: int | None = None  # eager dense cache window; None keeps every frame
-
-
-def world_geometry(model: CausalWanModel, page_size: int = 32) -> VideoGeometry:
-    """The world model's page layout: 8 pages of 32 tokens per 256-token frame."""
-    cfg = model.config
-    return VideoGeometry(cfg.tokens_per_frame, cfg.frames_per_chunk, page_size, page_size)
 
 
 def contenders(geometry: VideoGeometry, *, learned: bool) -> list[Contender]:
@@ -193,17 +188,7 @@ def evaluate(
     latent_shape = (cfg.in_channels, cfg.latent_height, cfg.latent_width)
     say = progress or (lambda _msg: None)
 
-    recalls = {
-        kind: scorer_recall(
-            model,
-            seeds,
-            scorer_path if kind == "learned" else None,
-            geometry,
-            chunks=recall_chunks,
-            device=device,
-        )
-        for kind in (("learned", "identity") if scorer_path else ("identity",))
-    }
+    recalls = recall_table(model, seeds, geometry, scorer_path, chunks=recall_chunks, device=device)
 
     def rollout(runner: ChunkRunner, m: CausalWanModel) -> Tensor:
         out = generate(
@@ -231,6 +216,8 @@ def evaluate(
                     **values,
                     "recall_25": None if rec is None else rec[0.25],
                     "recall_12": None if rec is None else rec[0.125],
+                    "recall_oracle_25": None if rec is None else recalls["oracle"][0.25],
+                    "recall_oracle_12": None if rec is None else recalls["oracle"][0.125],
                     "peak_kv_bytes": kv,
                     "seconds": seconds,
                 }

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -214,3 +216,68 @@ def test_scorer_recall_matches_the_training_report_and_grows_with_the_budget():
     assert one < recall[0.25] < 1.0
     with pytest.raises(ValueError, match="topk"):
         scorer_recall(scorers, [[(q, k)]], q_block=16, kv_block=16, topk=(0,))
+
+
+def test_recall_table_matches_a_hand_computed_case():
+    """One query block of two rows (q = 1, D = 1, so logits are the keys) over two key
+    blocks: (3, -3) holds most of the mass but has mean 0, (1, 1) has mean 1. Mean pooling
+    picks the second block, the oracle the first."""
+    from patterns import recall_table
+
+    q = torch.ones(1, 2, 1, 1)
+    k = torch.tensor([3.0, -3.0, 1.0, 1.0]).reshape(1, 4, 1, 1)
+    z = math.exp(3) + math.exp(-3) + 2 * math.e
+    table = recall_table(
+        {"identity": [BlockScorer(1, 1, 1)]}, [[(q, k)]], q_block=2, kv_block=2, topk=(1, 2)
+    )
+    assert table["identity"][1] == pytest.approx(2 * math.e / z, rel=1e-5)
+    assert table["oracle"][1] == pytest.approx((math.exp(3) + math.exp(-3)) / z, rel=1e-5)
+    assert table["oracle"][2] == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="reserved"):
+        recall_table({"oracle": [BlockScorer(1, 1, 1)]}, [[(q, k)]], q_block=2, kv_block=2)
+
+
+def test_recall_table_weights_a_partial_query_block_by_its_rows():
+    """Three query rows in blocks of two: the partial block (one row) counts half as much."""
+    from patterns import recall_table
+
+    k = torch.tensor([3.0, -3.0, 1.0, 1.0]).reshape(1, 4, 1, 1)
+    q = torch.tensor([1.0, 1.0, -1.0]).reshape(1, 3, 1, 1)
+    table = recall_table(
+        {"id": [BlockScorer(1, 1, 1)]}, [[(q, k)]], q_block=2, kv_block=2, topk=(1,)
+    )
+    z_pos = math.exp(3) + math.exp(-3) + 2 * math.e
+    z_neg = math.exp(-3) + math.exp(3) + 2 / math.e
+    # block 0 (q = +1): mean pooling picks the (1, 1) block; block 1 (q = -1): its mean key
+    # score is -1 there and 0 on the (3, -3) block, so it picks the latter
+    first, second = 2 * math.e / z_pos, (math.exp(-3) + math.exp(3)) / z_neg
+    assert table["id"][1] == pytest.approx((2 * first + second) / 3, rel=1e-5)
+
+
+def test_early_stopping_keeps_the_best_validation_state(one_thread):
+    """Validation scenes whose salient and nuisance directions are swapped: what training
+    learns makes them worse, so the best state is the untrained one and training stops after
+    `patience` evaluations without improvement."""
+    gen = torch.Generator().manual_seed(7)
+    basis, _ = torch.linalg.qr(torch.randn(DIM, DIM, generator=gen))
+    swapped = basis[:, [1, 0, *range(2, DIM)]]
+    train = [planted_qk(gen, basis) for _ in range(4)]
+    val = [planted_qk(gen, swapped) for _ in range(4)]
+    scorer = BlockScorer(HEADS, KV_HEADS, DIM)
+    kwargs = dict(q_block=BLOCK, kv_block=BLOCK, lr=0.03, progress=False)
+    report = train_scorers(
+        [scorer], [train], steps=200, val_samples=[val], eval_every=5, patience=3, **kwargs
+    )
+    assert report["best_step"] == 0
+    assert len(report["loss"]) == 15  # 3 evaluations after the best, 5 steps apart
+    assert [s for s, _ in report["val_loss"]] == [0, 5, 10, 15]
+    assert torch.equal(scorer.wq, torch.eye(DIM).expand_as(scorer.wq))
+    assert report["mean_recall_oracle"] >= report["mean_recall_after"]
+
+    helpful = BlockScorer(HEADS, KV_HEADS, DIM)
+    held_in = [planted_qk(gen, basis) for _ in range(4)]
+    report = train_scorers(
+        [helpful], [train], steps=60, val_samples=[held_in], eval_every=20, **kwargs
+    )
+    assert report["best_step"] > 0
+    assert report["val_loss"][-1][1] < report["val_loss"][0][1]
