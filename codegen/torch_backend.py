@@ -36,7 +36,8 @@ def _gather(
     p: Problem, pools: tuple[Tensor, Tensor, Tensor], m0: int, m1: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Query blocks m0..m1's slabs: k, v [B, H, mc, Kmax·page, D] in the compute dtype, their
-    validity [B, H, mc, Kmax·page] and the gathered page ids [B, H, mc, Kmax] (0 in padding slots)."""
+    validity [B, H, mc, Kmax·page] and the gathered page ids [B, H, mc, Kmax] (0 in padding
+    slots)."""
     k_pool, v_pool, page_lens = pools
     dev = p.q.device
     b_idx = torch.arange(p.batch, device=dev).view(-1, 1, 1, 1)
