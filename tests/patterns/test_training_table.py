@@ -14,6 +14,7 @@ from patterns import (
 )
 from patterns.training_table import clip_key_reps, clip_table
 from runtime import AttentionRuntime
+from runtime.pool import PagePool
 from world.teacher_forcing import block_causal_mask
 
 GEOMETRY = VideoGeometry(tokens_per_frame=32, frames_per_chunk=3, page_size=16, q_block=16)
@@ -63,6 +64,12 @@ def _rollout_tables(pattern, q, k, v, scorer, monkeypatch):
         return table
 
     monkeypatch.setattr(type(pattern), "select", capture)
+    # Pages are matched to clip pages by their key reps, which patterns that never read reps
+    # leave stale in the scratch pages: pool them on every pass (the tables do not change).
+    write = PagePool.write_scratch
+    monkeypatch.setattr(
+        PagePool, "write_scratch", lambda self, k, v, reps=True: write(self, k, v, reps=True)
+    )
     runtime.reset(B, "cpu", torch.float32, CLIP)
     t, fpc = GEOMETRY.tokens_per_frame, GEOMETRY.frames_per_chunk
     chunks = []
