@@ -15,13 +15,11 @@ import time
 
 import torch
 
-from bench.common import device_record, write_json
-from runtime import CausalWanModel
-from sparsify.tables import format_table
-from world.quality import curves, evaluate, horizons_for, summary_rows, world_geometry
+from bench.common import device_record
+from sparsify.commands.quality import evaluate_world, write_report
+from world.quality import horizons_for, world_geometry
 from world.scenes import heldout_seeds
 from world.scorers import DEFAULT_SCORERS, train_world_scorer
-from world.video import plot_error_vs_horizon
 from world.weights import load_world_model
 
 
@@ -38,15 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_world_model(device=device)
-    geometry = world_geometry(model)
     if args.train_scorers:
+        model = load_world_model(device=device)
         start = time.perf_counter()
         report = train_world_scorer(
             model,
             list(range(1000, 1016)),
             heldout_seeds(args.seeds + 8)[args.seeds :],
-            geometry,
+            world_geometry(model),
             args.scorers,
             steps=args.scorer_steps,
             device=device,
@@ -55,23 +52,15 @@ def main(argv: list[str] | None = None) -> int:
             f"scorer: recall@25% {report['mean_recall_before']:.3f} (identity) -> "
             f"{report['mean_recall_after']:.3f} (learned) in {time.perf_counter() - start:.0f} s"
         )
-    random_model = CausalWanModel(model.config).to(device).eval()
-    horizons = horizons_for([float(m) for m in args.multiples.split(",")])
-    records = evaluate(
-        model,
-        seeds=heldout_seeds(args.seeds),
-        horizons=horizons,
-        scorer_path=args.scorers,
+    records = evaluate_world(
+        seeds=args.seeds,
+        horizons=horizons_for([float(m) for m in args.multiples.split(",")]),
         device=device,
-        random_model=random_model,
+        scorer_path=args.scorers,
         only=args.only.split(",") if args.only else None,
         progress=lambda name: print(f"  running {name}", flush=True),
     )
-    write_json(args.json, {"device": device_record(), "records": records})
-    if args.png:
-        plot_error_vs_horizon(curves(records, "mse"), args.png, metric="mse")
-    rows = summary_rows(records)
-    print(format_table(rows, list(rows[0])))
+    print(write_report(records, device=device_record(), json_path=args.json, png_path=args.png))
     return 0
 
 

@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": "dense vs sparse rollout of a small model: time, KV memory, GIF",
     "plan": "which attention ops sparsify rewrites in a model, and why",
     "autotune": "tune the PBSA kernel on this GPU and keep the winners",
+    "quality": "quality of each pattern against the reference world (--quick: CPU)",
     "bench": "run the kernel / rollout benchmarks into JSON (from a checkout)",
     "generate": "prompt -> MP4 from your own causal Wan checkpoint ([wan] extra)",
 }

@@ -43,7 +43,7 @@ from runtime import (
 from world import metrics
 from world.latent import frames_to_latents, latents_to_frames
 from world.scenes import TRAIN_FRAMES, SceneBatch, render
-from world.scorers import load_world_scorer, scorer_recall
+from world.scorers import capture_attention, load_world_scorer, scorer_recall
 
 PREFIX_FRAMES = 3
 """Clean frames given before sampling: the first chunk, which determines the scene."""
@@ -193,14 +193,18 @@ def evaluate(
     latent_shape = (cfg.in_channels, cfg.latent_height, cfg.latent_width)
     say = progress or (lambda _msg: None)
 
+    # One capture of the dense attention serves both scorers (it costs a dense rollout).
+    samples = capture_attention(
+        model, seeds, prefix_frames=PREFIX_FRAMES, chunks=recall_chunks, device=device
+    )
     recalls = {
         kind: scorer_recall(
             model,
             seeds,
             scorer_path if kind == "learned" else None,
             geometry,
-            chunks=recall_chunks,
             device=device,
+            samples=samples,
         )
         for kind in (("learned", "identity") if scorer_path else ("identity",))
     }
