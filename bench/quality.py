@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             list(range(SCORER_TRAIN_SEED, SCORER_TRAIN_SEED + 16)),
             list(range(SCORER_VAL_SEED, SCORER_VAL_SEED + 4)),
             heldout_seeds(args.seeds + 8)[args.seeds :],
-            geometry,
+            world_geometry(model),
             args.scorers,
             steps=args.scorer_steps,
             device=device,

@@ -17,9 +17,10 @@ from sparsify.commands.args import FlagError, HelpFormatter, Parser, report
 # defines `add_arguments(parser)` and `run(args) -> int` and is imported only when its command
 # runs, so `sparsify --help` starts without torch.
 COMMANDS = {
-    "demo": "dense vs sparse rollout of a small model: time, KV memory, GIF",
+    "demo": "the trained world model, dense vs sparse: error, KV, GIF",
     "plan": "which attention ops sparsify rewrites in a model, and why",
     "autotune": "tune the PBSA kernel on this GPU and keep the winners",
+    "quality": "each pattern scored on the reference world (--quick on a CPU)",
     "bench": "run the kernel / rollout benchmarks into JSON (from a checkout)",
     "generate": "prompt -> MP4 from your own causal Wan checkpoint ([wan] extra)",
 }

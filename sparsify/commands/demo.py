@@ -1,19 +1,27 @@
-"""`sparsify demo`: dense and Sparse Forcing rollouts of the reference model, side by side.
+"""`sparsify demo`: the trained world model continuing a held-out scene, dense and sparse.
 
-Rolls out the same seeded noise and text context twice — with Self-Forcing's dense KV cache
-(`runtime.EagerRunner`) and through `sparsify(model, default PersistentLocal)` — and writes:
+By default the committed world model (`world/weights/`) is given the first chunk of a
+held-out scene of the reference world (clean prefix frames) and continues it twice — with a
+dense cache holding every frame (`runtime.EagerRunner`) and on the paged runtime with the
+world's default `PersistentLocal` pattern and its learned scorer. It writes:
 
-* a table: seconds, peak KV-cache bytes, and the relative difference of the latents;
-* `block_mask.png`: what layer 0, head 0 sees in the last chunk (persistent | history | chunk);
-* `rollout.gif`: the latent frames (channels 0–2 as RGB) of both rollouts side by side.
+* a table: seconds, peak KV-cache bytes, and the error against the scene's true
+  continuation (mse, PSNR) of dense, sparse and the copy-the-last-frame floor;
+* `rollout.gif`: labelled panels ground truth | dense | sparse with a frame counter;
+* `block_mask.png`: which pages a middle layer's head 0 kept in the last chunk, chosen by
+  the trained model's real scores (persistent | history | chunk).
 
-On the embedded default (`tiny`) it runs on a CPU in well under a minute; `--preset
-wan2.1-1.3b` on a GPU is the real-size comparison.
+On a 2-core CPU it finishes in about a minute. `--preset NAME` runs the earlier demo on
+seeded random weights instead: the same noise and text context rolled out with
+Self-Forcing's dense cache and through `sparsify(model, default PersistentLocal)`, the
+relative difference of their latents, and channels 0–2 of both side by side (`tiny` runs on
+a CPU in well under a minute; `wan2.1-1.3b` on a GPU is the real-size comparison).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -24,13 +32,26 @@ from torch import Tensor
 
 from patterns import plot_block_mask
 from patterns.files import atomic_path
-from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forcing_cache
+from runtime import (
+    CausalWanModel,
+    EagerRunner,
+    GlobalCache,
+    WanConfig,
+    generate,
+    reference_runner,
+    self_forcing_cache,
+)
 from runtime.block_map import BlockMap, block_map
 from runtime.model_config import PRESETS
 from sparsify.api import sparsify
-from sparsify.commands.args import out_dir, positive_int, torch_device
+from sparsify.commands.args import nonneg_int, out_dir, positive_int, torch_device
 from sparsify.commands.cost import check_cpu_run
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
+from sparsify.tables import format_table
+from world import frames_to_latents, heldout_seeds, latents_to_frames, render, write_panels_gif
+from world.quality import PREFIX_FRAMES, contenders, score_continuation, world_geometry
+from world.scorers import load_world_scorer
+from world.weights import load_world_model
 
 PANEL_GAP = 4  # pixels between the dense and the sparse panel
 CPU_NOTE = (
@@ -43,12 +64,23 @@ CPU_NOTE = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
-    parser.add_argument("--chunks", type=positive_int, default=6, help="chunks of 3 latent frames")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a random-weight model of this size instead of the trained world model",
+    )
+    parser.add_argument(
+        "--chunks", type=positive_int, default=6, help="chunks of 3 latent frames to generate"
+    )
     parser.add_argument(
         "--out", type=out_dir, default="sparsify-demo", help="folder for the PNG and the GIF"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, noise and context")
+    parser.add_argument(
+        "--seed",
+        type=nonneg_int,
+        default=0,
+        help="noise seed; which held-out scene (world) or the weights and context (--preset)",
+    )
     parser.add_argument(
         "--device", type=torch_device, help="cpu, cuda or cuda:N (default: cuda if present)"
     )
@@ -61,7 +93,9 @@ def _stage(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def _timed_rollout(runner, context: Tensor, config: WanConfig, chunks: int, seed: int):
+def _timed_rollout(
+    runner, context: Tensor, config: WanConfig, chunks: int, seed: int, prefix: Tensor | None = None
+):
     sync = torch.cuda.synchronize if context.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -71,6 +105,7 @@ def _timed_rollout(runner, context: Tensor, config: WanConfig, chunks: int, seed
         chunks,
         latent_shape=(config.in_channels, config.latent_height, config.latent_width),
         seed=seed,
+        prefix=prefix,
     )
     sync()
     return latents, time.perf_counter() - start
@@ -104,27 +139,26 @@ def side_by_side(dense: Tensor, sparse: Tensor, height: int = 256) -> np.ndarray
 def _last_chunk_map(sparse_module, chunks: int, frames_per_chunk: int) -> dict[str, BlockMap]:
     """Records layer 0's block map during the last chunk (a pre-hook; no effect on results).
     The last chunk's passes run eagerly: a replayed CUDA graph runs no hooks."""
-    runtime = sparse_module.runtime
-    state = runtime.states[0]
     last_start = (chunks - 1) * frames_per_chunk
-    found: dict[str, BlockMap] = {}
     graphs = sparse_module.cuda_graphs
 
     def eager_last_chunk(module, args, kwargs):
         start = kwargs["start_frame"] if "start_frame" in kwargs else args[3]
         module.cuda_graphs = graphs and start != last_start
 
-    def hook(module, args):
-        if runtime.committed_frames == last_start and "map" not in found:
-            found["map"] = block_map(module, args[0])
-
     sparse_module.register_forward_pre_hook(eager_last_chunk, with_kwargs=True)
-    state.register_forward_pre_hook(hook)
-    return found
+    return _state_map(sparse_module.runtime, 0, last_start)
 
 
 def run(args: argparse.Namespace) -> int:
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.preset is None:
+        return world_demo(args, device)
+    return preset_demo(args, device)
+
+
+def preset_demo(args: argparse.Namespace, device: torch.device) -> int:
+    """The random-weight demo: dense vs `sparsify` on the same noise (see the docstring)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = WanConfig.preset(args.preset, seed=args.seed)
     if device.type == "cpu":
@@ -190,6 +224,114 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    if device.type == "cpu":
+        print(CPU_NOTE)
+    print(f"\nwrote {mask_path} and {gif_path}")
+    return 0
+
+
+def _state_map(runtime, layer: int, chunk_start: int) -> dict[str, BlockMap]:
+    """Records `layer`'s block map in the first pass of the chunk at `chunk_start` (a
+    pre-hook: the table the pattern builds from the real scores, no effect on results)."""
+    found: dict[str, BlockMap] = {}
+
+    def hook(module, args):
+        if runtime.committed_frames == chunk_start and "map" not in found:
+            found["map"] = block_map(module, args[0])
+
+    runtime.states[layer].register_forward_pre_hook(hook)
+    return found
+
+
+def world_demo(args: argparse.Namespace, device: torch.device) -> int:
+    """The trained world model continuing a held-out scene (see the module docstring)."""
+    if device.type == "cpu":
+        # Every core: this model's attention (768 queries over up to 5k keys) gains from
+        # threads, unlike the tiny preset's shapes.
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model = load_world_model(device=device)
+    config = model.config
+    geometry = world_geometry(model)
+    # The world's default budget, as the quality benchmark judges it.
+    pattern = next(
+        c.pattern for c in contenders(geometry, learned=True) if c.name == "persistent_local"
+    )
+    frames = args.chunks * config.frames_per_chunk
+    scene_seed = heldout_seeds(args.seed + 1)[args.seed]
+    _stage(
+        f"world model on {device}: held-out scene {scene_seed}, {PREFIX_FRAMES} clean frames, "
+        f"then {frames} generated"
+    )
+    scene = render([scene_seed], PREFIX_FRAMES + frames, device=device)
+    prefix = frames_to_latents(scene.frames)[:, :, :PREFIX_FRAMES]
+    context = torch.zeros(1, config.text_len, config.text_dim, device=device)
+
+    dense = EagerRunner(model, GlobalCache())
+    # No CUDA graphs: a replayed graph runs no hooks, and the block map needs one.
+    sparse = reference_runner(
+        model, pattern, page_size=geometry.page_size, q_block=geometry.q_block, cuda_graphs=False
+    )
+    load_world_scorer(sparse.runtime)
+    layer = config.num_layers // 2
+    last_start = PREFIX_FRAMES + frames - config.frames_per_chunk
+    recorded = _state_map(sparse.runtime, layer, last_start)
+
+    _stage("dense rollout, then the sparse one")
+    results = {}
+    for name, runner in (("dense", dense), ("sparse", sparse)):
+        latents, seconds = _timed_rollout(runner, context, config, args.chunks, args.seed, prefix)
+        video = latents_to_frames(latents.float()).clamp(-1, 1)  # prefix included
+        results[name] = (video, seconds, runner.peak_kv_bytes)
+    last = scene.frames[:, PREFIX_FRAMES - 1 : PREFIX_FRAMES].expand(-1, frames, -1, -1, -1)
+    scored = {"copy_last": score_continuation(last, scene, [frames])[frames]}
+    for name, (video, _, _) in results.items():
+        scored[name] = score_continuation(video[:, PREFIX_FRAMES:], scene, [frames])[frames]
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    mask_path, gif_path = out / "block_mask.png", out / "rollout.gif"
+    bmap = recorded["map"]
+    columns = bmap.column_frame.tolist()
+    plot_block_mask(
+        bmap.visible[0, 0],
+        mask_path,
+        title=f"world model, layer {layer}, head 0, chunk at frame {bmap.chunk_start}: "
+        f"{sum(f < 0 for f in columns)} persistent pages | frames "
+        f"{min(f for f in columns if f >= 0)}–{max(columns)}",
+    )
+    sparse_label = f"sparse ({type(pattern).__name__})"
+    write_panels_gif(
+        gif_path,
+        {
+            "ground truth": scene.frames[0],
+            "dense": results["dense"][0][0],
+            sparse_label: results["sparse"][0][0],
+        },
+        fps=6,
+        prefix_frames=PREFIX_FRAMES,
+    )
+
+    dense_kv = results["dense"][2]
+    rows = [
+        {
+            "rollout": label,
+            "seconds": results[name][1] if name in results else None,
+            "peak KV": _mib(results[name][2]) if name in results else None,
+            "KV vs dense": results[name][2] / dense_kv if name in results else None,
+            "mse": scored[name]["mse"],
+            "psnr dB": scored[name]["psnr"],
+        }
+        for name, label in (
+            ("dense", "dense (cache of every frame)"),
+            ("sparse", sparse_label),
+            ("copy_last", "copy the last prefix frame (floor)"),
+        )
+    ]
+    print(
+        f"\nworld model: held-out scene {scene_seed}, {frames} frames after {PREFIX_FRAMES} "
+        f"clean ones, on {device}; pattern {pattern}; error against the true continuation"
+    )
+    print(format_table(rows, list(rows[0])))
     if device.type == "cpu":
         print(CPU_NOTE)
     print(f"\nwrote {mask_path} and {gif_path}")

@@ -120,7 +120,7 @@ def test_version_help_and_license(tmp_path):
     assert "END OF TERMS AND CONDITIONS" in license_text
 
 
-@pytest.mark.parametrize("command", ["demo", "plan", "autotune", "bench"])
+@pytest.mark.parametrize("command", ["demo", "plan", "autotune", "bench", "quality"])
 def test_every_option_has_help_and_shows_its_default(command):
     from sparsify.cli import build_parser
 
