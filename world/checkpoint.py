@@ -81,6 +81,11 @@ def _read_index(folder: Path) -> dict:
     return index
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step of the checkpoint in `folder` (its index only; shards not read)."""
+    return _read_index(folder)["step"]
+
+
 def load_checkpoint_meta(folder: Path) -> dict:
     """The metadata of the checkpoint in `folder` (its index only; shards not read)."""
     return _read_index(folder)["meta"]
