@@ -1,13 +1,16 @@
 """Backward kernels alone (GPU): PBSA dQ/dK/dV against dense SDPA's backward.
 
     python -m bench.bwd_kernel [--case sf5s] [--densities 0.25,0.125] [--tune] [--json out.json]
+    python -m bench.bwd_kernel --sweep      # per-kernel device time of a few configs each
 
 The kernel benchmark's case (q 4680 × kv 32760, 12 heads × 128, bf16, BLHD, contiguous K/V)
 and table. SDPA's backward is timed as torch.autograd.grad of its output (cuDNN/flash, what
 the dispatcher picks); pbsa's as `pbsa_backward(..., backend="triton")` from the forward's
 saved LSE. TFLOP/s count 2.5× the forward's 4·Lq·Lk·D per head over the computed tokens
 (whole listed pages for pbsa), so `per_block_vs_sdpa` is throughput per computed block.
-Prints a table last.
+`--sweep` (the profile behind a tuning decision) times delta, dQ and dK/dV separately under
+torch.profiler for the default configs and for a short list of dQ and dK/dV configs (the
+other kernel at its default). Prints a table last.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.common import device_record, time_ms, write_json
+from bench.common import device_record, sync, time_ms, write_json
 from bench.kernel import computed_tokens
 from codegen.backward import pbsa_backward
+from codegen.config import LaunchConfig
 from codegen.launch import pbsa_triton
+from codegen.launch_bwd import default_backward_configs, pbsa_backward_triton
 from codegen.problem import validate
 from codegen.samples import CASES, PAGE, Q_BLOCK, build_table, case_tensors
 from codegen.tuning import autotune_backward
@@ -31,11 +36,68 @@ def tflops(case, tokens: float, ms: float) -> float:
     return 2.5 * 4 * case.q_len * tokens * case.head_dim * case.heads / (ms * 1e-3) / 1e12
 
 
+# (block_m, block_n, num_warps, num_stages): dQ walks keys block_n at a time for block_m
+# query rows; dK/dV owns block_n keys and streams block_m query rows a step.
+SWEEP = {
+    "bwd_dq": [(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2),
+               (64, 128, 4, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+    "bwd_dkdv": [(64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3),
+                 (64, 128, 4, 2), (16, 128, 4, 3), (32, 128, 8, 2), (128, 128, 8, 2)],
+}  # fmt: skip
+
+
+def kernel_ms(fn, reps: int = 10) -> dict[str, float]:
+    """Mean device milliseconds per call of each backward kernel ("bwd_delta", "bwd_dq",
+    "bwd_dkdv") launched by `fn`, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        sync()
+    out = dict.fromkeys(("bwd_delta", "bwd_dq", "bwd_dkdv"), 0.0)
+    for e in prof.key_averages():
+        if e.device_type.name != "CUDA":
+            continue
+        for kernel in out:
+            if e.key.endswith(kernel):
+                us = getattr(e, "device_time_total", None) or e.cuda_time_total
+                out[kernel] += us / 1e3 / reps
+    return out
+
+
+def sweep(p, out, lse, grad_out, density: float) -> list[dict]:
+    """Rows (density, kernel, config, ms) of each swept config, the other kernel at its
+    default."""
+    defaults = default_backward_configs(p, interpret=False)
+    rows = []
+    for slot, kernel in enumerate(("bwd_dq", "bwd_dkdv")):
+        for block_m, block_n, warps, stages in SWEEP[kernel]:
+            if p.q_block % block_m or p.page_size % block_n:
+                continue
+            config = LaunchConfig(block_m, warps, stages, block_n=block_n)
+            pair = (config, defaults[1]) if slot == 0 else (defaults[0], config)
+            try:
+                ms = kernel_ms(
+                    lambda pair=pair: pbsa_backward_triton(p, out, lse, grad_out, configs=pair)
+                )
+            except Exception as error:  # a config that cannot compile (shared memory, ...)
+                print(f"  {kernel} {config}: {type(error).__name__}: {str(error)[:120]}")
+                continue
+            label = f"m{block_m} n{block_n} w{warps} s{stages}"
+            rows.append(dict(density=density, kernel=kernel, config=label, ms=ms[kernel]))
+            print(f"  {density} {kernel} {label}: {ms[kernel]:.3f} ms", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="sf5s", choices=sorted(CASES))
     parser.add_argument("--densities", default="0.25,0.125,0.0625")
     parser.add_argument("--tune", action="store_true", help="autotune_backward first")
+    parser.add_argument("--sweep", action="store_true", help="per-kernel times of a few configs")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -53,6 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sdpa_ms = time_ms(lambda: torch.autograd.grad(dense_out, leaves, dense_grad, retain_graph=True))
     sdpa_tf = tflops(case, case.kv_tokens, sdpa_ms)
     records = [dict(impl="sdpa_dense", density=1.0, bwd_ms=sdpa_ms, tflops=sdpa_tf)]
+    swept: list[dict] = []
     for density in (float(d) for d in args.densities.split(",")):
         nb, idx = build_table(case, density, dev)
         call = dict(q_block=Q_BLOCK, page_size=PAGE)
@@ -60,6 +123,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             autotune_backward(q, k, v, nb, idx, **call, progress=False)
         p = validate(q, k, v, nb, idx, **call)
         out, lse = pbsa_triton(p)
+        split = kernel_ms(lambda p=p, out=out, lse=lse: pbsa_backward_triton(p, out, lse, grad_out))
+        if args.sweep:
+            swept += sweep(p, out, lse, grad_out, density)
         ms = time_ms(
             lambda p=p, out=out, lse=lse: pbsa_backward(p, out, lse, grad_out, backend="triton")
         )
@@ -72,10 +138,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 tflops=tf,
                 speedup_vs_sdpa=sdpa_ms / ms,
                 per_block_vs_sdpa=tf / sdpa_tf,
+                **{f"{k}_ms": v for k, v in split.items()},
             )
         )
-    write_json(args.json, dict(device=device_record(), case=case.name, records=records))
+    payload = dict(device=device_record(), case=case.name, records=records, sweep=swept)
+    write_json(args.json, payload)
+    if swept:
+        print(format_table(swept, list(swept[0])))
     columns = ["impl", "density", "bwd_ms", "tflops", "speedup_vs_sdpa", "per_block_vs_sdpa"]
+    columns += ["bwd_delta_ms", "bwd_dq_ms", "bwd_dkdv_ms"]
     print(format_table(records, columns))
     return records
 
