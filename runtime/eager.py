@@ -261,23 +261,21 @@ def check_chunk_call(
     return start
 
 
-class EagerRunner:
-    """Runs `CausalWanModel` chunk by chunk with a dense KV cache (a `ChunkRunner`).
-
-    Chunks must come in order: every call is for the chunk starting at `next_frame`, and a
-    commit advances it by `frames_per_chunk`. A rejected call raises before touching the cache.
+class DenseRunnerBase:
+    """The rollout state and checks of a dense ``ChunkRunner`` of ``model``: the reset's
+    batch, device, dtype and frames, the next chunk's frame, and a pass bracketed by the
+    cache's ``begin_chunk``/``end_chunk``, shared by `EagerRunner` and
+    `runtime.compiled_dense.CompiledDenseRunner`. A subclass sets ``self.cache`` (with
+    ``begin_chunk``, ``end_chunk``, ``kv_bytes`` and ``peak_kv_bytes``) and gives
+    ``_reset_cache`` and ``_pass``.
     """
 
-    def __init__(self, model: CausalWanModel, cache: FrameCache | None = None):
+    _name = "DenseRunnerBase"  # the class a call before reset names in its error
+
+    def __init__(self, model: CausalWanModel):
         if not isinstance(model, CausalWanModel):
             raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
-        if cache is not None and not isinstance(cache, FrameCache):
-            raise TypeError(
-                f"cache must be a FrameCache (e.g. GlobalCache, RollingCache), "
-                f"got {type(cache).__name__}"
-            )
         self.model = model
-        self.cache = GlobalCache() if cache is None else cache
         self._batch_size: int | None = None
         self._device: torch.device | None = None
         self._dtype: torch.dtype | None = None
@@ -311,11 +309,16 @@ class EagerRunner:
         most `max_frames`). A rejected call changes nothing."""
         cfg = self.model.config
         check_reset_args(batch_size, dtype, num_frames, cfg.frames_per_chunk, self.max_frames)
-        device = torch.device(device)
-        self.cache.reset(cfg.num_layers, cfg.tokens_per_frame, cfg.frames_per_chunk, num_frames)
+        device = self._reset_cache(batch_size, torch.device(device), dtype, num_frames)
         self._batch_size, self._device, self._dtype = batch_size, device, dtype
-        self._num_frames = num_frames
-        self._next_frame = 0
+        self._num_frames, self._next_frame = num_frames, 0
+
+    def _reset_cache(
+        self, batch_size: int, device: torch.device, dtype: torch.dtype, num_frames: int
+    ) -> torch.device:
+        """Empty and size the cache for checked reset arguments; returns the device that
+        the calls' inputs must be on."""
+        raise NotImplementedError
 
     def __call__(
         self, x: Tensor, timestep: Tensor, context: Tensor, start_frame: int, commit: bool
@@ -328,7 +331,7 @@ class EagerRunner:
         start = self._check_call(x, start_frame, commit)
         slots = self.cache.begin_chunk(start, commit)
         try:
-            out = self.model.forward_cached(x, timestep, context, start, slots)
+            out = self._pass(x, timestep, context, start, slots)
         except BaseException:
             self.cache.end_chunk(ok=False)
             raise
@@ -337,10 +340,14 @@ class EagerRunner:
             self._next_frame += self.frames_per_chunk
         return out
 
+    def _pass(self, x: Tensor, timestep: Tensor, context: Tensor, start: int, slots) -> Tensor:
+        """The model's pass over the chunk; ``slots`` is what ``cache.begin_chunk`` returned."""
+        raise NotImplementedError
+
     def _check_call(self, x: Tensor, start_frame: int, commit: bool) -> int:
         """The checks of a call before it touches the cache; returns the start frame."""
         if self._batch_size is None:
-            raise RuntimeError("EagerRunner.reset(...) must be called before running chunks")
+            raise RuntimeError(f"{self._name}.reset(...) must be called before running chunks")
         return check_chunk_call(
             x,
             start_frame,
@@ -352,3 +359,34 @@ class EagerRunner:
             dtype=self._dtype,
             device=self._device,
         )
+
+
+class EagerRunner(DenseRunnerBase):
+    """Runs `CausalWanModel` chunk by chunk with a dense KV cache (a `ChunkRunner`).
+
+    Chunks must come in order: every call is for the chunk starting at `next_frame`, and a
+    commit advances it by `frames_per_chunk`. A rejected call raises before touching the cache.
+    """
+
+    _name = "EagerRunner"
+
+    def __init__(self, model: CausalWanModel, cache: FrameCache | None = None):
+        super().__init__(model)
+        if cache is not None and not isinstance(cache, FrameCache):
+            raise TypeError(
+                f"cache must be a FrameCache (e.g. GlobalCache, RollingCache), "
+                f"got {type(cache).__name__}"
+            )
+        self.cache = GlobalCache() if cache is None else cache
+
+    def _reset_cache(
+        self, batch_size: int, device: torch.device, dtype: torch.dtype, num_frames: int
+    ) -> torch.device:
+        cfg = self.model.config
+        self.cache.reset(cfg.num_layers, cfg.tokens_per_frame, cfg.frames_per_chunk, num_frames)
+        return device
+
+    def _pass(
+        self, x: Tensor, timestep: Tensor, context: Tensor, start: int, slots: list[_LayerSlot]
+    ) -> Tensor:
+        return self.model.forward_cached(x, timestep, context, start, slots)
