@@ -85,13 +85,10 @@ class _LayerSlot:
         self.committed = 0
 
 
-class FrameCache:
-    """Frame-granular dense KV cache shared by the layers of one model.
-
-    All layers hold the same frames, so the frame bookkeeping (plain Python ints) lives here
-    and the tensors live in the per-layer slots. The `policy` says which frames stay after
-    each commit and how many frames the buffers must hold at most.
-    """
+class DenseFrameCacheBase:
+    """The policy side of a frame-granular dense KV cache, shared by `FrameCache` and
+    `runtime.ring_cache.RingFrameCache`: the policy (whole frames only), the rollout's frame
+    and chunk sizes, the buffer capacity it implies, the commit flag and the KV peak."""
 
     def __init__(self, policy: CachePolicy) -> None:
         if not isinstance(policy, CachePolicy):
@@ -102,13 +99,47 @@ class FrameCache:
                 "cache keeps whole frames only (use the paged runtime for persistent memory)"
             )
         self.policy = policy
-        self._slots: list[_LayerSlot] = []
-        self._frames: list[int] = []
         self._tokens_per_frame = 0
         self._frames_per_chunk = 0
-        self._capacity = 0
         self._peak = 0
         self.committing = False
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        """Largest `kv_bytes` since `reset`: at the end of a commit pass every layer holds
+        its history and the new chunk, before the frames that left the policy are dropped."""
+        return self._peak
+
+    def _capacity_frames(self, frames_per_chunk: int, num_frames: int) -> int:
+        """The most frames the buffers hold in a rollout of ``num_frames`` frames; a
+        ValueError, before anything changes, when the policy's window cannot hold a chunk."""
+        self.policy.check_fits(frames_per_chunk)
+        return self.policy.attended_frames(num_frames)
+
+    def _retained_runs(self, start_frame: int) -> tuple[range, ...]:
+        """The frames the policy keeps once the chunk at ``start_frame`` is committed."""
+        f = self._frames_per_chunk
+        return self.policy.retained_runs(start_frame + f, f)
+
+    def _start_rollout(self, tokens_per_frame: int, frames_per_chunk: int) -> None:
+        self._tokens_per_frame, self._frames_per_chunk = tokens_per_frame, frames_per_chunk
+        self._peak = 0
+        self.committing = False
+
+
+class FrameCache(DenseFrameCacheBase):
+    """Frame-granular dense KV cache shared by the layers of one model.
+
+    All layers hold the same frames, so the frame bookkeeping (plain Python ints) lives here
+    and the tensors live in the per-layer slots. The `policy` says which frames stay after
+    each commit and how many frames the buffers must hold at most.
+    """
+
+    def __init__(self, policy: CachePolicy) -> None:
+        super().__init__(policy)
+        self._slots: list[_LayerSlot] = []
+        self._frames: list[int] = []
+        self._capacity = 0
         self._keep: list[tuple[int, int]] = []
         self._pending: list[int] = []
 
@@ -126,38 +157,28 @@ class FrameCache:
         """Bytes of committed K and V currently held, summed over layers."""
         return sum(slot.nbytes for slot in self._slots)
 
-    @property
-    def peak_kv_bytes(self) -> int:
-        """Largest `kv_bytes` since `reset`: at the end of a commit pass every layer holds
-        its history and the new chunk, before the frames that left the policy are dropped."""
-        return self._peak
-
     def reset(
         self, num_layers: int, tokens_per_frame: int, frames_per_chunk: int, num_frames: int
     ) -> None:
         """Empty the cache and size it for `num_layers` layers and a rollout of `num_frames`."""
-        self.policy.check_fits(frames_per_chunk)
-        self._frames_per_chunk = frames_per_chunk
+        self._capacity = self._capacity_frames(frames_per_chunk, num_frames)
+        self._start_rollout(tokens_per_frame, frames_per_chunk)
         self._slots = [_LayerSlot(self) for _ in range(num_layers)]
         self._frames = []
-        self._tokens_per_frame = tokens_per_frame
-        self._capacity = self.policy.attended_frames(num_frames)
-        self._peak = 0
-        self.committing = False
 
     def begin_chunk(self, start_frame: int, commit: bool) -> list[_LayerSlot]:
         """Enter a pass over the chunk starting at `start_frame`; returns the layer slots."""
         if commit:
             pending = self._frames + list(range(start_frame, start_frame + self._frames_per_chunk))
-            self._keep = self._kept_runs(pending, start_frame + self._frames_per_chunk)
+            self._keep = self._kept_runs(pending, start_frame)
             self._pending = pending
         self.committing = commit
         return self._slots
 
-    def _kept_runs(self, pending: list[int], num_committed: int) -> list[tuple[int, int]]:
+    def _kept_runs(self, pending: list[int], start_frame: int) -> list[tuple[int, int]]:
         """(first position in `pending`, count) of each run of frames the policy retains."""
         runs = []
-        for run in self.policy.retained_runs(num_committed, self._frames_per_chunk):
+        for run in self._retained_runs(start_frame):
             first = pending.index(run.start) if run.start in pending else None
             if first is None or pending[first : first + len(run)] != list(run):
                 raise RuntimeError(f"the policy retains frames {list(run)} that are not held")
