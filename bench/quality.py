@@ -7,7 +7,8 @@
 Loads the committed world model (or each `--weights [NAME=]DIR`, an exported folder of
 world.safetensors + manifest.json; the floors run with the first one only), optionally
 (re)trains its block scorer on training scenes (`world.scorers.train_world_scorer`, written to
-`--scorers`), then runs `world.quality.evaluate` on held-out seeds and writes the records
+`--scorers`), then evaluates and reports as `sparsify quality` does
+(`sparsify.commands.quality.evaluate_world` and `write_report`): the records
 (`{"device": ..., "records": [...]}`, each with its `model`), an error-vs-horizon plot and a
 table. See the quality section of BENCHMARKS.md.
 """
@@ -19,23 +20,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_record, write_json
-from runtime import CausalWanModel
-from sparsify.tables import format_table
-from world.quality import (
-    contenders,
-    curves,
-    evaluate,
-    horizons_for,
-    summary_rows,
-    world_geometry,
-)
+from bench.common import device_record
+from sparsify.commands.quality import evaluate_world, write_report
+from world.quality import horizons_for, world_geometry
 from world.scenes import heldout_seeds
 from world.scorers import DEFAULT_SCORERS, SCORER_TRAIN_SEED, SCORER_VAL_SEED, train_world_scorer
-from world.video import plot_error_vs_horizon
 from world.weights import WEIGHTS_DIR, load_world_model
-
-FLOORS = ("copy_last", "random_model")
 
 
 def weights_arg(text: str) -> tuple[str, str]:
@@ -73,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_world_model(Path(models[0][1]), device=device)
-    geometry = world_geometry(model)
     if args.train_scorers:
         provenance = train_world_scorer(
             model,
@@ -94,31 +83,23 @@ def main(argv: list[str] | None = None) -> int:
         )
     horizons = horizons_for([float(m) for m in args.multiples.split(",")])
     only = args.only.split(",") if args.only else None
-    names = [c.name for c in contenders(geometry, learned=True)]
     records = []
     for i, (name, folder) in enumerate(models):
         if i:
             model = load_world_model(Path(folder), device=device)
         print(f"model {name}: {folder}", flush=True)
-        first = i == 0
-        for record in evaluate(
-            model,
-            seeds=heldout_seeds(args.seeds),
+        records += evaluate_world(
+            seeds=args.seeds,
             horizons=horizons,
-            scorer_path=args.scorers,
             device=device,
-            random_model=CausalWanModel(model.config).to(device).eval() if first else None,
-            # the floors do not depend on the weights: once
-            only=only if first else [n for n in (only or names) if n not in FLOORS],
+            scorer_path=args.scorers,
+            only=only,
             progress=lambda label: print(f"  running {label}", flush=True),
-        ):
-            records.append({"model": name, **record})
-    write_json(args.json, {"device": device_record(), "records": records})
-    if args.png:
-        labelled = [{**r, "pattern": f"{r['model']}:{r['pattern']}"} for r in records]
-        plot_error_vs_horizon(curves(labelled, "mse"), args.png, metric="mse")
-    rows = summary_rows(records)
-    print(format_table(rows, list(rows[0])))
+            model=model,
+            name=name,
+            floors=i == 0,
+        )
+    print(write_report(records, device=device_record(), json_path=args.json, png_path=args.png))
     return 0
 
 

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from patterns import CachePolicy
-from runtime.checks import check_reset_args
-from runtime.eager import SELF_FORCING_WINDOW_FRAMES, check_chunk_call
+from runtime.eager import SELF_FORCING_WINDOW_FRAMES, DenseRunnerBase
 from runtime.graphs import PassGraphs
 from runtime.model import CausalWanModel
 from runtime.ring_cache import RingFrameCache
@@ -84,7 +83,7 @@ def _bind(model: CausalWanModel, cache: RingFrameCache, backend: str) -> CausalW
     return bound
 
 
-class CompiledDenseRunner:
+class CompiledDenseRunner(DenseRunnerBase):
     """A ``ChunkRunner`` of ``model`` with Self-Forcing's dense cache, compiled and graphed.
 
     policy: the frames kept (a `patterns.CachePolicy` without persistent memory; default
@@ -98,6 +97,8 @@ class CompiledDenseRunner:
     order, not frame order).
     """
 
+    _name = "CompiledDenseRunner"
+
     def __init__(
         self,
         model: CausalWanModel,
@@ -108,15 +109,13 @@ class CompiledDenseRunner:
         sdpa_backend: str = "cudnn",
         compile_options: dict | None = None,
     ):
-        if not isinstance(model, CausalWanModel):
-            raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
+        super().__init__(model)
         for name, value in (("compile", compile), ("cuda_graphs", cuda_graphs)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         if sdpa_backend not in SDPA_BACKENDS:
             raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}, got {sdpa_backend!r}")
         policy = CachePolicy(SELF_FORCING_WINDOW_FRAMES) if policy is None else policy
-        self.model = model
         self.cache = RingFrameCache(policy)
         self.sdpa_backend = sdpa_backend
         self.cuda_graphs = cuda_graphs
@@ -126,44 +125,16 @@ class CompiledDenseRunner:
             for block in self._bound.blocks:
                 block.compile(**(compile_options or {}))
         self._start: Tensor | None = None  # the chunk's first frame, int64 on the device
-        self._batch_size: int | None = None
-        self._device: torch.device | None = None
-        self._dtype: torch.dtype | None = None
-        self._num_frames = 0
-        self._next_frame = 0
-
-    @property
-    def frames_per_chunk(self) -> int:
-        return self.model.config.frames_per_chunk
-
-    @property
-    def max_frames(self) -> int:
-        """The most frames a rollout may span: the model's (its RoPE table)."""
-        return self.model.config.max_frames
-
-    @property
-    def next_frame(self) -> int:
-        return self._next_frame
-
-    @property
-    def current_kv_bytes(self) -> int:
-        return self.cache.kv_bytes
-
-    @property
-    def peak_kv_bytes(self) -> int:
-        return self.cache.peak_kv_bytes
 
     def self_attention_modules(self) -> list[nn.Module]:
         """Each layer's self-attention (cache write and SDPA), in layer order."""
         return [block.self_attn.attn for block in self._bound.blocks]
 
-    def reset(self, batch_size: int, device, dtype: torch.dtype, num_frames: int) -> None:
-        """Empty the cache for a rollout of ``num_frames`` frames of ``batch_size`` videos.
-        Buffers (and the CUDA graphs over them) are kept when the layout repeats. A rejected
-        call changes nothing."""
+    def _reset_cache(
+        self, batch_size: int, device: torch.device, dtype: torch.dtype, num_frames: int
+    ) -> torch.device:
+        """Buffers (and the CUDA graphs over them) are kept when the layout repeats."""
         cfg = self.model.config
-        check_reset_args(batch_size, dtype, num_frames, cfg.frames_per_chunk, self.max_frames)
-        device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         like = torch.empty((), device=device, dtype=dtype).expand(
@@ -178,41 +149,10 @@ class CompiledDenseRunner:
             self.graphs.clear()
         if self.cache.buffer_addresses() != before:
             self.graphs.clear()  # captured over buffers that are gone
-        self._batch_size, self._device, self._dtype = batch_size, device, dtype
-        self._num_frames, self._next_frame = num_frames, 0
+        return device
 
-    def __call__(
-        self, x: Tensor, timestep: Tensor, context: Tensor, start_frame: int, commit: bool
-    ) -> Tensor:
-        """Flow prediction for the chunk x ``[B, C, F, H, W]`` at ``start_frame`` (as
-        `EagerRunner.__call__`); ``commit`` keeps the chunk's K/V in the cache."""
-        if self._batch_size is None:
-            raise RuntimeError(
-                "CompiledDenseRunner.reset(...) must be called before running chunks"
-            )
-        start = check_chunk_call(
-            x,
-            start_frame,
-            commit,
-            next_frame=self._next_frame,
-            num_frames=self._num_frames,
-            frames_per_chunk=self.frames_per_chunk,
-            batch_size=self._batch_size,
-            dtype=self._dtype,
-            device=self._device,
-        )
-        self.cache.begin_chunk(start, commit)
-        try:
-            out = self._pass(x, timestep, context, start)
-        except BaseException:
-            self.cache.end_chunk(ok=False)
-            raise
-        self.cache.end_chunk(ok=True)
-        if commit:
-            self._next_frame += self.frames_per_chunk
-        return out
-
-    def _pass(self, x: Tensor, timestep: Tensor, context: Tensor, start: int) -> Tensor:
+    def _pass(self, x: Tensor, timestep: Tensor, context: Tensor, start: int, slots) -> Tensor:
+        # slots is None: each layer's _RingAttention writes to the ring cache itself
         graphed = self.cuda_graphs and x.is_cuda and timestep.is_cuda and context.is_cuda
         if not graphed:
             return self._bound(x, timestep, context, start)

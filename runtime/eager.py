@@ -85,13 +85,10 @@ class _LayerSlot:
         self.committed = 0
 
 
-class FrameCache:
-    """Frame-granular dense KV cache shared by the layers of one model.
-
-    All layers hold the same frames, so the frame bookkeeping (plain Python ints) lives here
-    and the tensors live in the per-layer slots. The `policy` says which frames stay after
-    each commit and how many frames the buffers must hold at most.
-    """
+class DenseFrameCacheBase:
+    """The policy side of a frame-granular dense KV cache, shared by `FrameCache` and
+    `runtime.ring_cache.RingFrameCache`: the policy (whole frames only), the rollout's frame
+    and chunk sizes, the buffer capacity it implies, the commit flag and the KV peak."""
 
     def __init__(self, policy: CachePolicy) -> None:
         if not isinstance(policy, CachePolicy):
@@ -102,13 +99,47 @@ class FrameCache:
                 "cache keeps whole frames only (use the paged runtime for persistent memory)"
             )
         self.policy = policy
-        self._slots: list[_LayerSlot] = []
-        self._frames: list[int] = []
         self._tokens_per_frame = 0
         self._frames_per_chunk = 0
-        self._capacity = 0
         self._peak = 0
         self.committing = False
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        """Largest `kv_bytes` since `reset`: at the end of a commit pass every layer holds
+        its history and the new chunk, before the frames that left the policy are dropped."""
+        return self._peak
+
+    def _capacity_frames(self, frames_per_chunk: int, num_frames: int) -> int:
+        """The most frames the buffers hold in a rollout of ``num_frames`` frames; a
+        ValueError, before anything changes, when the policy's window cannot hold a chunk."""
+        self.policy.check_fits(frames_per_chunk)
+        return self.policy.attended_frames(num_frames)
+
+    def _retained_runs(self, start_frame: int) -> tuple[range, ...]:
+        """The frames the policy keeps once the chunk at ``start_frame`` is committed."""
+        f = self._frames_per_chunk
+        return self.policy.retained_runs(start_frame + f, f)
+
+    def _start_rollout(self, tokens_per_frame: int, frames_per_chunk: int) -> None:
+        self._tokens_per_frame, self._frames_per_chunk = tokens_per_frame, frames_per_chunk
+        self._peak = 0
+        self.committing = False
+
+
+class FrameCache(DenseFrameCacheBase):
+    """Frame-granular dense KV cache shared by the layers of one model.
+
+    All layers hold the same frames, so the frame bookkeeping (plain Python ints) lives here
+    and the tensors live in the per-layer slots. The `policy` says which frames stay after
+    each commit and how many frames the buffers must hold at most.
+    """
+
+    def __init__(self, policy: CachePolicy) -> None:
+        super().__init__(policy)
+        self._slots: list[_LayerSlot] = []
+        self._frames: list[int] = []
+        self._capacity = 0
         self._keep: list[tuple[int, int]] = []
         self._pending: list[int] = []
 
@@ -126,38 +157,28 @@ class FrameCache:
         """Bytes of committed K and V currently held, summed over layers."""
         return sum(slot.nbytes for slot in self._slots)
 
-    @property
-    def peak_kv_bytes(self) -> int:
-        """Largest `kv_bytes` since `reset`: at the end of a commit pass every layer holds
-        its history and the new chunk, before the frames that left the policy are dropped."""
-        return self._peak
-
     def reset(
         self, num_layers: int, tokens_per_frame: int, frames_per_chunk: int, num_frames: int
     ) -> None:
         """Empty the cache and size it for `num_layers` layers and a rollout of `num_frames`."""
-        self.policy.check_fits(frames_per_chunk)
-        self._frames_per_chunk = frames_per_chunk
+        self._capacity = self._capacity_frames(frames_per_chunk, num_frames)
+        self._start_rollout(tokens_per_frame, frames_per_chunk)
         self._slots = [_LayerSlot(self) for _ in range(num_layers)]
         self._frames = []
-        self._tokens_per_frame = tokens_per_frame
-        self._capacity = self.policy.attended_frames(num_frames)
-        self._peak = 0
-        self.committing = False
 
     def begin_chunk(self, start_frame: int, commit: bool) -> list[_LayerSlot]:
         """Enter a pass over the chunk starting at `start_frame`; returns the layer slots."""
         if commit:
             pending = self._frames + list(range(start_frame, start_frame + self._frames_per_chunk))
-            self._keep = self._kept_runs(pending, start_frame + self._frames_per_chunk)
+            self._keep = self._kept_runs(pending, start_frame)
             self._pending = pending
         self.committing = commit
         return self._slots
 
-    def _kept_runs(self, pending: list[int], num_committed: int) -> list[tuple[int, int]]:
+    def _kept_runs(self, pending: list[int], start_frame: int) -> list[tuple[int, int]]:
         """(first position in `pending`, count) of each run of frames the policy retains."""
         runs = []
-        for run in self.policy.retained_runs(num_committed, self._frames_per_chunk):
+        for run in self._retained_runs(start_frame):
             first = pending.index(run.start) if run.start in pending else None
             if first is None or pending[first : first + len(run)] != list(run):
                 raise RuntimeError(f"the policy retains frames {list(run)} that are not held")
@@ -261,23 +282,21 @@ def check_chunk_call(
     return start
 
 
-class EagerRunner:
-    """Runs `CausalWanModel` chunk by chunk with a dense KV cache (a `ChunkRunner`).
-
-    Chunks must come in order: every call is for the chunk starting at `next_frame`, and a
-    commit advances it by `frames_per_chunk`. A rejected call raises before touching the cache.
+class DenseRunnerBase:
+    """The rollout state and checks of a dense ``ChunkRunner`` of ``model``: the reset's
+    batch, device, dtype and frames, the next chunk's frame, and a pass bracketed by the
+    cache's ``begin_chunk``/``end_chunk``, shared by `EagerRunner` and
+    `runtime.compiled_dense.CompiledDenseRunner`. A subclass sets ``self.cache`` (with
+    ``begin_chunk``, ``end_chunk``, ``kv_bytes`` and ``peak_kv_bytes``) and gives
+    ``_reset_cache`` and ``_pass``.
     """
 
-    def __init__(self, model: CausalWanModel, cache: FrameCache | None = None):
+    _name = "DenseRunnerBase"  # the class a call before reset names in its error
+
+    def __init__(self, model: CausalWanModel):
         if not isinstance(model, CausalWanModel):
             raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
-        if cache is not None and not isinstance(cache, FrameCache):
-            raise TypeError(
-                f"cache must be a FrameCache (e.g. GlobalCache, RollingCache), "
-                f"got {type(cache).__name__}"
-            )
         self.model = model
-        self.cache = GlobalCache() if cache is None else cache
         self._batch_size: int | None = None
         self._device: torch.device | None = None
         self._dtype: torch.dtype | None = None
@@ -311,11 +330,16 @@ class EagerRunner:
         most `max_frames`). A rejected call changes nothing."""
         cfg = self.model.config
         check_reset_args(batch_size, dtype, num_frames, cfg.frames_per_chunk, self.max_frames)
-        device = torch.device(device)
-        self.cache.reset(cfg.num_layers, cfg.tokens_per_frame, cfg.frames_per_chunk, num_frames)
+        device = self._reset_cache(batch_size, torch.device(device), dtype, num_frames)
         self._batch_size, self._device, self._dtype = batch_size, device, dtype
-        self._num_frames = num_frames
-        self._next_frame = 0
+        self._num_frames, self._next_frame = num_frames, 0
+
+    def _reset_cache(
+        self, batch_size: int, device: torch.device, dtype: torch.dtype, num_frames: int
+    ) -> torch.device:
+        """Empty and size the cache for checked reset arguments; returns the device that
+        the calls' inputs must be on."""
+        raise NotImplementedError
 
     def __call__(
         self, x: Tensor, timestep: Tensor, context: Tensor, start_frame: int, commit: bool
@@ -328,7 +352,7 @@ class EagerRunner:
         start = self._check_call(x, start_frame, commit)
         slots = self.cache.begin_chunk(start, commit)
         try:
-            out = self.model.forward_cached(x, timestep, context, start, slots)
+            out = self._pass(x, timestep, context, start, slots)
         except BaseException:
             self.cache.end_chunk(ok=False)
             raise
@@ -337,10 +361,14 @@ class EagerRunner:
             self._next_frame += self.frames_per_chunk
         return out
 
+    def _pass(self, x: Tensor, timestep: Tensor, context: Tensor, start: int, slots) -> Tensor:
+        """The model's pass over the chunk; ``slots`` is what ``cache.begin_chunk`` returned."""
+        raise NotImplementedError
+
     def _check_call(self, x: Tensor, start_frame: int, commit: bool) -> int:
         """The checks of a call before it touches the cache; returns the start frame."""
         if self._batch_size is None:
-            raise RuntimeError("EagerRunner.reset(...) must be called before running chunks")
+            raise RuntimeError(f"{self._name}.reset(...) must be called before running chunks")
         return check_chunk_call(
             x,
             start_frame,
@@ -352,3 +380,34 @@ class EagerRunner:
             dtype=self._dtype,
             device=self._device,
         )
+
+
+class EagerRunner(DenseRunnerBase):
+    """Runs `CausalWanModel` chunk by chunk with a dense KV cache (a `ChunkRunner`).
+
+    Chunks must come in order: every call is for the chunk starting at `next_frame`, and a
+    commit advances it by `frames_per_chunk`. A rejected call raises before touching the cache.
+    """
+
+    _name = "EagerRunner"
+
+    def __init__(self, model: CausalWanModel, cache: FrameCache | None = None):
+        super().__init__(model)
+        if cache is not None and not isinstance(cache, FrameCache):
+            raise TypeError(
+                f"cache must be a FrameCache (e.g. GlobalCache, RollingCache), "
+                f"got {type(cache).__name__}"
+            )
+        self.cache = GlobalCache() if cache is None else cache
+
+    def _reset_cache(
+        self, batch_size: int, device: torch.device, dtype: torch.dtype, num_frames: int
+    ) -> torch.device:
+        cfg = self.model.config
+        self.cache.reset(cfg.num_layers, cfg.tokens_per_frame, cfg.frames_per_chunk, num_frames)
+        return device
+
+    def _pass(
+        self, x: Tensor, timestep: Tensor, context: Tensor, start: int, slots: list[_LayerSlot]
+    ) -> Tensor:
+        return self.model.forward_cached(x, timestep, context, start, slots)

@@ -40,7 +40,7 @@ from runtime.attention_state import AttentionState, PassContext
 from runtime.checks import check_layout, check_reset_args
 from runtime.distributed import REJECTIONS, HeadGroup, RankDisagreement, describe_inputs
 from runtime.model import CausalWanModel
-from runtime.reference_runner import bind_reference_model
+from runtime.reference_runner import bind_runner
 
 __all__ = [
     "HeadParallelRunner",
@@ -234,20 +234,15 @@ def head_parallel_reference_runner(
 ) -> HeadParallelRunner:
     """`runtime.reference_runner` with this rank's heads (``group``: None for the default
     process group): a `HeadParallelRunner` of a copy of ``model``."""
-    if not isinstance(model, CausalWanModel):
-        raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
-    cfg = model.config
-    geometry = VideoGeometry(cfg.tokens_per_frame, cfg.frames_per_chunk, page_size, q_block)
-    runtime = HeadParallelRuntime(
+    return bind_runner(
+        model,
         pattern,
-        geometry,
-        cfg.num_layers,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        backend,
-        debug,
-        max_frames=cfg.max_frames,
+        HeadParallelRuntime,
+        HeadParallelRunner,
+        page_size=page_size,
+        q_block=q_block,
+        backend=backend,
+        debug=debug,
+        cuda_graphs=cuda_graphs,
         group=group,
     )
-    return HeadParallelRunner(bind_reference_model(model, runtime), runtime, cuda_graphs)

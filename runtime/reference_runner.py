@@ -45,11 +45,40 @@ def reference_runner(
     `AttentionRuntime` of ``pattern`` (pages of ``page_size`` tokens, query blocks of
     ``q_block`` rows; ``backend``/``debug`` as for the runtime; ``cuda_graphs`` as for the
     runner)."""
+    return bind_runner(
+        model,
+        pattern,
+        AttentionRuntime,
+        StatefulRunner,
+        page_size=page_size,
+        q_block=q_block,
+        backend=backend,
+        debug=debug,
+        cuda_graphs=cuda_graphs,
+    )
+
+
+def bind_runner(
+    model: CausalWanModel,
+    pattern: Pattern,
+    runtime_type: type[AttentionRuntime],
+    runner_type: type[StatefulRunner],
+    *,
+    page_size: int,
+    q_block: int,
+    backend: str,
+    debug: bool,
+    cuda_graphs: bool,
+    **runtime_options,
+) -> StatefulRunner:
+    """A ``runner_type`` of a copy of ``model`` bound to a ``runtime_type`` of ``pattern``
+    laid out as the model (its geometry, layers, heads and frame limit); ``runtime_options``
+    go to the runtime (`runtime.parallel` passes its process group)."""
     if not isinstance(model, CausalWanModel):
         raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
     cfg = model.config
     geometry = VideoGeometry(cfg.tokens_per_frame, cfg.frames_per_chunk, page_size, q_block)
-    runtime = AttentionRuntime(
+    runtime = runtime_type(
         pattern,
         geometry,
         cfg.num_layers,
@@ -59,5 +88,6 @@ def reference_runner(
         backend,
         debug,
         max_frames=cfg.max_frames,
+        **runtime_options,
     )
-    return StatefulRunner(bind_reference_model(model, runtime), runtime, cuda_graphs)
+    return runner_type(bind_reference_model(model, runtime), runtime, cuda_graphs)

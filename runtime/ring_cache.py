@@ -19,11 +19,12 @@ import torch
 from torch import Tensor
 
 from patterns import CachePolicy
+from runtime.eager import DenseFrameCacheBase
 
 __all__ = ["RingFrameCache"]
 
 
-class RingFrameCache:
+class RingFrameCache(DenseFrameCacheBase):
     """Per-layer K/V buffers ``[B, capacity·T, Hkv, D]`` filled frame slot by frame slot.
 
     policy: which frames stay after each commit (a `patterns.CachePolicy` without persistent
@@ -32,14 +33,7 @@ class RingFrameCache:
     """
 
     def __init__(self, policy: CachePolicy) -> None:
-        if not isinstance(policy, CachePolicy):
-            raise TypeError(f"policy must be a patterns.CachePolicy, got {type(policy).__name__}")
-        if policy.persistent_capacity:
-            raise ValueError(
-                f"policy has persistent_capacity={policy.persistent_capacity}: a dense frame "
-                "cache keeps whole frames only (use the paged runtime for persistent memory)"
-            )
-        self.policy = policy
+        super().__init__(policy)
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
         self.write_index: Tensor | None = None  # int64 [F·T]: the chunk's token slots
@@ -48,11 +42,7 @@ class RingFrameCache:
         self._held = 0  # frames held (the slots that are not None)
         self._chunk_start: int | None = None
         self._chunk_slots: list[int] = []  # the frame slots of the chunk being run
-        self._tokens_per_frame = 0
-        self._frames_per_chunk = 0
         self._frame_bytes = 0  # K and V of one frame, all layers
-        self._peak = 0
-        self.committing = False
 
     # -- sizes ------------------------------------------------------------------------------
 
@@ -71,10 +61,6 @@ class RingFrameCache:
         pass runs), as `FrameCache.kv_bytes` counts them."""
         held = self._held + (self._frames_per_chunk if self.committing else 0)
         return held * self._frame_bytes
-
-    @property
-    def peak_kv_bytes(self) -> int:
-        return self._peak
 
     @property
     def attended_tokens(self) -> int:
@@ -99,8 +85,7 @@ class RingFrameCache:
         """Empty the cache for a rollout of ``num_frames`` frames; K/V of one token per layer
         are shaped, typed and placed like ``like`` ``[B, Hkv, D]``. Buffers of the same
         layout are kept (CUDA graphs over them stay valid), others reallocated."""
-        self.policy.check_fits(frames_per_chunk)
-        capacity = self.policy.attended_frames(num_frames)
+        capacity = self._capacity_frames(frames_per_chunk, num_frames)
         shape = (like.shape[0], capacity * tokens_per_frame, *like.shape[1:])
         kept = (
             len(self.k) == num_layers
@@ -120,10 +105,8 @@ class RingFrameCache:
         self._slots = [None] * capacity
         self._held = 0
         self._chunk_start = None
-        self._tokens_per_frame, self._frames_per_chunk = tokens_per_frame, frames_per_chunk
+        self._start_rollout(tokens_per_frame, frames_per_chunk)
         self._frame_bytes = 2 * num_layers * tokens_per_frame * like.numel() * like.element_size()
-        self._peak = 0
-        self.committing = False
 
     def begin_chunk(self, start_frame: int, commit: bool) -> None:
         """Enter a pass over the chunk at ``start_frame``. Its frames go to the lowest free
@@ -161,11 +144,11 @@ class RingFrameCache:
         frees the slots of the frames the policy drops; a failed pass changes nothing."""
         if self.committing and ok:
             self._peak = max(self._peak, self.kv_bytes)
-            f, start = self._frames_per_chunk, self._chunk_start
+            start = self._chunk_start
             slots = list(self._slots)
             for j, slot in enumerate(self._chunk_slots):
                 slots[slot] = start + j
-            retained = set(self.policy.retained_frames(start + f, f))
+            retained = {frame for run in self._retained_runs(start) for frame in run}
             missing = retained.difference(slots)
             if missing:
                 self.committing = False

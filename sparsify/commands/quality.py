@@ -24,7 +24,8 @@ from pathlib import Path
 
 from sparsify.commands.args import FlagError, positive_int, torch_device
 
-QUICK_PATTERNS = ("copy_last", "random_model", "dense", "persistent_local")
+FLOORS = ("copy_last", "random_model")
+QUICK_PATTERNS = (*FLOORS, "dense", "persistent_local")
 QUICK_SEEDS = 4
 FULL_SEEDS = 16
 FULL_MULTIPLES = (1.0, 4.0, 10.0)
@@ -65,17 +66,29 @@ def evaluate_world(
     only: Sequence[str] | None = None,
     recall_chunks: int = 4,
     progress: Callable[[str], None] | None = None,
+    model=None,
+    name: str | None = None,
+    floors: bool = True,
 ) -> list[dict]:
-    """`world.quality.evaluate` of the committed world model on `seeds` held-out scenes,
-    with the random-weight floor of the same preset (what `bench.quality` runs too)."""
+    """`world.quality.evaluate` of `model` (a `CausalWanModel`; default: the committed world
+    model) on `seeds` held-out scenes. With `floors`, the floors too: copy_last and the
+    random-weight model of the same preset. `name` tags every record as its ``"model"``
+    (`bench.quality` compares several weights this way, the floors with the first only:
+    they do not depend on the weights)."""
     from runtime import CausalWanModel
-    from world.quality import evaluate
+    from world.quality import contenders, evaluate, world_geometry
     from world.scenes import heldout_seeds
     from world.weights import load_world_model
 
-    model = load_world_model(device=device)
-    random_model = CausalWanModel(model.config).to(device).eval()
-    return evaluate(
+    if model is None:
+        model = load_world_model(device=device)
+    random_model = None
+    if floors:
+        random_model = CausalWanModel(model.config).to(device).eval()
+    else:
+        names = [c.name for c in contenders(world_geometry(model), learned=True)]
+        only = [n for n in (only or names) if n not in FLOORS]
+    records = evaluate(
         model,
         seeds=heldout_seeds(seeds),
         horizons=horizons,
@@ -86,6 +99,7 @@ def evaluate_world(
         recall_chunks=recall_chunks,
         progress=progress,
     )
+    return records if name is None else [{"model": name, **r} for r in records]
 
 
 def write_report(records: list[dict], *, device: dict, json_path=None, png_path=None) -> str:
@@ -102,7 +116,11 @@ def write_report(records: list[dict], *, device: dict, json_path=None, png_path=
         payload = {"device": device, "records": records}
         write_text_atomic(json_path, json.dumps(payload, indent=1, default=str))
     if png_path is not None:
-        plot_error_vs_horizon(curves(records, "mse"), png_path, metric="mse")
+        # the same pattern of several models is one curve per model
+        drawn = [
+            {**r, "pattern": f"{r['model']}:{r['pattern']}"} if "model" in r else r for r in records
+        ]
+        plot_error_vs_horizon(curves(drawn, "mse"), png_path, metric="mse")
     rows = summary_rows(records)
     return format_table(rows, list(rows[0]))
 
