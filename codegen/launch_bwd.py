@@ -52,20 +52,21 @@ def default_backward_configs(p: Problem, interpret: bool) -> tuple[LaunchConfig,
     if interpret:
         tile = LaunchConfig(block_m=min(64, p.q_block), num_warps=4, num_stages=1)
         return tile, tile
-    # Untuned: tiles that keep the fp32 accumulators (dQ; dK and dV) in registers: 64 keys
-    # a step at head_dim <= 128, half that (and half the rows) at 256.
+    # Untuned: the fastest of `bench.bwd_kernel --sweep` on an H200 at head_dim 128 (dQ 128
+    # rows × 32 keys, 4 warps, 3 stages; dK/dV 128 keys × 32 rows, 8 warps: 2.0× faster than
+    # 64 × 64 with 4 warps); half the tiles at head_dim 256, where the accumulators double.
     wide = p.head_dim > 128
     dq = lookup(p, "bwd_dq") or LaunchConfig(
         block_m=min(64 if wide else 128, p.q_block),
-        num_warps=8,
-        num_stages=2,
-        block_n=32 if wide else 64,
+        num_warps=4,
+        num_stages=2 if wide else 3,
+        block_n=32,
     )
     dkdv = lookup(p, "bwd_dkdv") or LaunchConfig(
-        block_m=min(32 if wide else 64, p.q_block),
-        num_warps=4,
+        block_m=min(32, p.q_block),
+        num_warps=8,
         num_stages=2,
-        block_n=32 if wide else 64,
+        block_n=min(64 if wide else 128, p.page_size),
     )
     return dq, dkdv
 
