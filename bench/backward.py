@@ -48,6 +48,9 @@ def run_case(case: KernelCase, seed: int = 0) -> list[dict]:
 
     import codegen
 
+    # The timers call backward repeatedly over one retained graph; compiled flex's backward
+    # donates its saved buffers unless told not to (then it refuses retain_graph=True).
+    torch._functorch.config.donated_buffer = False
     dev = torch.device("cuda")
     q, k, v, k_pool, v_pool, page_lens = (
         t.requires_grad_() if t.is_floating_point() else t for t in case_tensors(case, dev, seed)

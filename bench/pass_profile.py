@@ -127,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kernels", default="", help="runners (of --runners) whose top kernels are tabled"
     )
+    parser.add_argument(
+        "--graphed",
+        action="store_true",
+        help="--kernels: profile the pass as replayed from its CUDA graph (default: launched "
+        "one by one, which skips work a replay redoes, e.g. tables memoised per chunk)",
+    )
     args = parser.parse_args(argv)
     if args.kernels and not torch.cuda.is_available():
         raise SystemExit("--kernels: kernel times need a CUDA device")
@@ -153,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernels:
         kernel_rows = []
         for name in args.kernels.split(","):
-            kernel_rows += kernel_table(name, runners[name], config, context, args.chunks, args.top)
+            kernel_rows += kernel_table(
+                name, runners[name], config, context, args.chunks, args.top, args.graphed
+            )
         print(format_table(kernel_rows, list(kernel_rows[0])))
     print(format_table(rows, list(rows[0])))
     return 0
@@ -181,21 +189,26 @@ def _kernel_kind(name: str) -> str:
     """A coarse class of a CUDA kernel name (for the per-pass sums)."""
     lowered = name.lower()
     for kind, marks in (
+        ("table", ("_pool_queries", "_window_scores", "_table_kernel", "topk", "sort")),
         ("attention", ("attention", "attn", "fmha", "flash", "pbsa", "sdpa", "cudnn")),
         ("gemm", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")),
         ("copy", ("copy", "memcpy", "memset", "index", "scatter", "gather", "cat")),
     ):
         if any(mark in lowered for mark in marks):
             return kind
-    return "other"
+    # what torch.compile fused (norms, modulation, RoPE, activations)
+    return "inductor" if lowered.startswith("triton_") else "other"
 
 
-def kernel_table(name: str, runner, config: WanConfig, context, chunks: int, top: int) -> list:
+def kernel_table(
+    name: str, runner, config: WanConfig, context, chunks: int, top: int, graphed: bool = False
+) -> list:
     """Rows (runner, kernel, ms, share, calls) of the top kernels of one denoising pass by
-    GPU time, then one row per kernel class and the pass total."""
+    GPU time, then one row per kernel class and the pass total. graphed: profile the pass
+    as its CUDA graph replays it (CUPTI records the kernels of a replay)."""
     from torch.profiler import ProfilerActivity, profile
 
-    graphs = getattr(runner, "cuda_graphs", False)
+    graphs = getattr(runner, "cuda_graphs", False) and not graphed
     if graphs:
         runner.cuda_graphs = False
     try:

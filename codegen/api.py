@@ -7,6 +7,7 @@ from torch import Tensor
 
 from codegen.autograd import pbsa_op, run_forward
 from codegen.problem import validate
+from codegen.tuning import ensure_tuned
 
 BACKENDS = ("auto", "triton", "interpret", "torch")
 
@@ -35,6 +36,7 @@ def pbsa_attention(
     return_lse: bool = True,
     backend: str = "auto",
     page_size: int | None = None,
+    autotune: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Persistent block-sparse attention over the pages listed in a block table.
 
@@ -48,6 +50,9 @@ def pbsa_attention(
     with out 0 for rows that see nothing) or None when return_lse is False.
     backend: "triton" (CUDA), "interpret" (the same kernel under TRITON_INTERPRET=1),
     "torch" (gather-based; also float64), "auto" (triton on CUDA, torch elsewhere).
+    autotune: on the triton backend, the first call of a shape bucket with no stored winner
+    times the candidate configs (`codegen.autotune`) and stores the fastest; later calls of
+    the bucket (and processes) run it. Skipped under CUDA-graph capture and compilation.
 
     Differentiable in q, k and v (``torch.ops.sparse_forcing.pbsa``; the backward runs
     `codegen.backward.pbsa_backward` on the same backend from the saved LSE); lse carries
@@ -68,6 +73,10 @@ def pbsa_attention(
     )
     if q.dtype == torch.float64 and backend != "torch":
         raise TypeError(f"q: float64 runs on backend='torch' only, not {backend!r}")
+    if not isinstance(autotune, bool):
+        raise TypeError(f"autotune: expected a bool, got {type(autotune).__name__}")
+    if autotune and backend == "triton" and not torch.compiler.is_compiling():
+        ensure_tuned(p, return_lse)
     # The op costs a dispatch per call: take it only where autograd or a compiler needs it.
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)

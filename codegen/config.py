@@ -19,6 +19,7 @@ class LaunchConfig:
     block_m: query rows per program, a power of two >= 16 (capped at the call's q_block).
     num_warps: a power of two in 1..32. num_stages: software-pipeline depth, >= 1.
     tma: Hopper tensor-descriptor loads. scheduled: longest-first tile order.
+    warp_specialize: Triton's warp-specialised kv loop (with tma only).
     block_n: keys per step, a power of two >= 16 (capped at the page size); None: one page.
     """
 
@@ -28,6 +29,7 @@ class LaunchConfig:
     tma: bool = False
     scheduled: bool = False
     block_n: int | None = None
+    warp_specialize: bool = False
 
     def __post_init__(self) -> None:
         for name, value in (("block_m", self.block_m), ("block_n", self.block_n)):
@@ -44,11 +46,13 @@ class LaunchConfig:
         stages = self.num_stages
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
             raise ValueError(f"LaunchConfig.num_stages: expected an int >= 1, got {stages!r}")
-        for name in ("tma", "scheduled"):
+        for name in ("tma", "scheduled", "warp_specialize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
                     f"LaunchConfig.{name}: expected a bool, got {getattr(self, name)!r}"
                 )
+        if self.warp_specialize and not self.tma:
+            raise ValueError("LaunchConfig.warp_specialize: needs tma=True")
 
 
 @functools.lru_cache(maxsize=16)
@@ -85,11 +89,12 @@ def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
         return_lse=return_lse,
         tma=config.tma,
         scheduled=config.scheduled,
+        warp_specialize=config.warp_specialize,
     )
 
 
 def backward_spec_for(p: Problem, config: LaunchConfig) -> KernelSpec:
     """The spec of the backward kernels run with `config`: the call's structure, the
     config's tile (block_m query rows, block_n keys), pointer loads in launch order."""
-    plain = dataclasses.replace(config, tma=False, scheduled=False)
+    plain = dataclasses.replace(config, tma=False, scheduled=False, warp_specialize=False)
     return spec_for(p, plain, return_lse=True)

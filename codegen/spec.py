@@ -41,6 +41,9 @@ class KernelSpec:
     return_lse: the kernel writes the log-sum-exp.
     tma: load tiles with Hopper tensor descriptors (TMA) instead of pointer loads.
     scheduled: programs take their tile from a launcher-made longest-first schedule.
+    warp_specialize: the kv loop is a ``tl.range(..., warp_specialize=True)``: Triton splits
+        it into producer warps (the TMA loads) and consumer warps (the products and the
+        softmax), which overlap. Needs tma.
     """
 
     block_m: int = 128
@@ -56,6 +59,7 @@ class KernelSpec:
     return_lse: bool = True
     tma: bool = False
     scheduled: bool = False
+    warp_specialize: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "page_size", "q_block"):
@@ -83,9 +87,11 @@ class KernelSpec:
             )
         if self.layout not in ("BLHD", "BHLD"):
             raise ValueError(f"KernelSpec.layout: expected 'BLHD' or 'BHLD', got {self.layout!r}")
-        for name in ("paged", "partial", "return_lse", "tma", "scheduled"):
+        for name in ("paged", "partial", "return_lse", "tma", "scheduled", "warp_specialize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KernelSpec.{name}: expected a bool")
+        if self.warp_specialize and not self.tma:
+            raise ValueError("KernelSpec.warp_specialize: needs tma=True (TMA loads)")
 
     @property
     def name(self) -> str:
@@ -98,6 +104,7 @@ class KernelSpec:
                 ("l", self.return_lse),
                 ("t", self.tma),
                 ("s", self.scheduled),
+                ("w", self.warp_specialize),
             )
             if on
         )

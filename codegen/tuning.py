@@ -43,18 +43,25 @@ def candidate_configs(p: Problem) -> list[LaunchConfig]:
     tiles of _TILES whose block_m divides q_block (else one tile of q_block rows), 2-4
     pipeline stages, pointer loads and (on Hopper) TMA loads of whole pages or of 64-key half
     steps (half the shared memory per stage, so two programs can share an SM), in launch
-    order or longest-first order."""
+    order or longest-first order, and (128-row tiles) TMA in a warp-specialised loop.
+    H200, sf5s: warp specialisation ties the best plain TMA loop on contiguous K/V and loses
+    10-18 % on paged K/V (triton 3.6); kept as a candidate for where it wins."""
     variants = [dict(tma=False)]
     if supports_tma(p.q.device):
         steps = [None] + ([64] if p.page_size > 64 else [])
         variants += [dict(tma=True, block_n=n, scheduled=s) for n in steps for s in (False, True)]
+        # whole-page steps in a warp-specialised loop (TMA producer warps, compute consumers);
+        # 128-row tiles only: triton 3.6 fails to compile the 64-row, 4-warp one (H200)
+        specialised = [dict(tma=True, warp_specialize=True, scheduled=s) for s in (False, True)]
+    else:
+        specialised = []
     limit = torch.cuda.get_device_properties(p.q.device).shared_memory_per_block_optin
     configs = []
     # a q_block under 64 rows gets one tile of its own size
     tiles = [(m, w) for m, w in _TILES if p.q_block % m == 0] or [(p.q_block, 4)]
     for block_m, warps in tiles:
         for stages in (2, 3, 4):
-            for variant in variants:
+            for variant in variants + (specialised if block_m == 128 else []):
                 c = LaunchConfig(block_m, warps, stages, **variant)
                 if shared_memory_estimate(p, c) <= limit:
                     configs.append(c)
@@ -78,10 +85,25 @@ def autotune(
     p = validate(*args, **kwargs)
     if not p.q.is_cuda:
         return default_config(p, interpret=True)
-    key = tuning_key(p)
     if not force and (hit := lookup(p)) is not None:
         return hit
     candidates = list(configs) if configs is not None else candidate_configs(p)
+    return _tune(p, return_lse, candidates, progress)
+
+
+def ensure_tuned(p: Problem, return_lse: bool) -> None:
+    """Tune the forward for `p`'s bucket unless a winner is stored (`pbsa_attention(...,
+    autotune=True)`, what the runtime calls): on CUDA and outside CUDA-graph capture only
+    (a capture cannot time anything; it runs the stored winner, or the default config)."""
+    if not p.q.is_cuda or torch.cuda.is_current_stream_capturing() or lookup(p) is not None:
+        return
+    _tune(p, return_lse, candidate_configs(p), progress=False)
+
+
+def _tune(
+    p: Problem, return_lse: bool, candidates: list[LaunchConfig], progress: bool
+) -> LaunchConfig:
+    """Time `candidates` on `p` and persist the winner for its bucket."""
     out = torch.empty_like(p.q, memory_format=torch.contiguous_format)
     best, ms = _fastest(
         candidates,
@@ -89,7 +111,7 @@ def autotune(
         "autotune pbsa",
         progress,
     )
-    save(key, best, ms)
+    save(tuning_key(p), best, ms)
     return best
 
 

@@ -223,6 +223,20 @@ class AttentionRuntime(nn.Module):
     def debug(self) -> bool:
         return self._context.debug
 
+    @property
+    def autotune(self) -> bool:
+        """Tune the PBSA kernel on the first eager call of each shape bucket that has no
+        stored winner (`codegen.pbsa_attention`'s ``autotune``; default True). CUDA graphs
+        of passes then replay the tuned kernels: denoising passes run eagerly once per
+        graph key before their capture."""
+        return self._context.autotune
+
+    @autotune.setter
+    def autotune(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"autotune must be a bool, got {type(value).__name__}")
+        self._context.autotune = value
+
     def signature(self) -> tuple:
         """Every layer's ``AttentionState.signature()`` (see ``runtime.graphs``)."""
         return tuple(state.signature() for state in self.states)
@@ -323,4 +337,6 @@ class StatefulRunner(nn.Module):
                 (x, timestep, context),
                 before_capture=runtime.invalidate_layouts,
                 after_replay=runtime.replay_commit if commit else lambda: None,
+                # a denoising pass rewrites the scratch pages with the same values
+                idempotent=not commit,
             )

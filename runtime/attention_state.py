@@ -33,7 +33,8 @@ class PassContext:
     ``PHASES``; chunk_start: first frame of the current chunk; start: the same as an int64
     0-dim tensor on the pool's device (device work reads it, so a CUDA graph of a pass
     replays at any chunk); backend: the kernel backend; debug: validate every block table
-    and every freed page (syncs with the device).
+    and every freed page (syncs with the device); autotune: tune the kernel on the first
+    eager call of each shape bucket without a stored winner.
     """
 
     pool: PagePool | None = None
@@ -42,6 +43,7 @@ class PassContext:
     start: Tensor | None = None
     backend: str = "auto"
     debug: bool = False
+    autotune: bool = True
 
 
 class AttentionState(PatternLayer):
@@ -238,6 +240,7 @@ class AttentionState(PatternLayer):
             q_block=self.geometry.q_block,
             return_lse=False,
             backend=self._context.backend,
+            autotune=self._context.autotune,
         )
         if self._context.phase == "commit":
             self._commit(pool, view)

@@ -11,7 +11,10 @@ chunk and its counts). The chunk's position is read from the runtime's ``start``
 the cache lives in buffers updated in place, so one graph serves every chunk of the steady
 state of a rollout, and the four denoising passes of any chunk. The first pass of each
 phase and input shape runs eagerly (it compiles kernels and fills host-side caches); after
-that a new key is captured at once, and a known key replays. A replayed commit pass then
+that a new key is captured at once (an idempotent pass — one whose device work may run
+twice, such as a denoising pass — runs eagerly first: work that cannot happen under capture,
+the kernels' autotuning, cuDNN's plans, then happens for that key too), and a known key
+replays. A replayed commit pass then
 redoes the host side of every layer's commit (``AttentionState.replay_commit``). Graphs
 outlive ``reset`` as long as the runtime keeps its buffers (same sizes), so a second rollout
 of the same shape replays from its first pass.
@@ -48,19 +51,12 @@ class PassGraphs:
 
     max_graphs: graphs kept (least recently used dropped first). A rollout's steady state
         needs two (denoise, commit); the chunks before it need two each.
-    warm_per_key: run the first pass of every key eagerly, then capture it at once (its
-        result is the eager one). For work whose first call at a new shape must not happen
-        under capture (cuDNN builds its execution plans then); the pass must be idempotent
-        (the next replay repeats its device work).
     """
 
-    def __init__(self, max_graphs: int = 64, *, warm_per_key: bool = False):
+    def __init__(self, max_graphs: int = 64):
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
-        if not isinstance(warm_per_key, bool):
-            raise TypeError(f"warm_per_key must be a bool, got {type(warm_per_key).__name__}")
         self.max_graphs = max_graphs
-        self.warm_per_key = warm_per_key
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._warm: set[tuple] = set()
         self._memory = None  # the shared pool and capture stream, made at the first capture
@@ -83,13 +79,17 @@ class PassGraphs:
         inputs: tuple[Tensor, ...],
         before_capture: Callable[[], None],
         after_replay: Callable[[], None],
+        idempotent: bool = False,
     ) -> Tensor:
         """One pass: ``pass_fn(*inputs)`` eagerly, captured or replayed (see the module
         docstring). A graph is keyed by ``phase``, the runtime's ``signature`` and the input
         shapes; the first pass of each phase and input shape runs eagerly. ``before_capture``
         drops host-side memos of device values (a capture must compute them inside the
         graph); ``after_replay`` redoes the host side effects of a replayed pass (a capture ran
-        them already). Returns a fresh output tensor."""
+        them already). idempotent: the pass may run twice (the next replay repeats its device
+        work): its first pass of every key runs eagerly, then is captured at once (the
+        result is the eager one), so that work a capture cannot do (timing, cuDNN's plans)
+        happens for every key. Returns a fresh output tensor."""
         metas = tuple(_meta(t) for t in inputs)
         key = (phase, signature, metas)
         entry = self._graphs.get(key)
@@ -102,11 +102,11 @@ class PassGraphs:
             self.replays += 1
             after_replay()
             return entry.output.clone()
-        warm = key if self.warm_per_key else (phase, metas)
+        warm = key if idempotent else (phase, metas)
         if warm not in self._warm:
             output = pass_fn(*inputs)
             self._warm.add(warm)  # only after a pass that succeeded eagerly
-            if self.warm_per_key:
+            if idempotent:
                 self._capture(key, pass_fn, inputs, before_capture, replay=False)
             return output
         return self._capture(key, pass_fn, inputs, before_capture).output.clone()

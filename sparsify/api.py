@@ -44,7 +44,7 @@ MODES = ("cached", "full_sequence")
 PARALLEL = (None, "heads")
 OPTIONS = (
     "mode", "page_size", "q_block", "debug", "capture_methods", "cuda_graphs", "allow_dense",
-    "parallel",
+    "parallel", "autotune",
 )  # fmt: skip
 FORMS = (
     "scaled_dot_product_attention (any spelling)",
@@ -277,7 +277,10 @@ def sparsify(
     options: ``mode`` ("cached" | "full_sequence"), ``page_size``/``q_block`` (when the
         geometry is derived from the model; default `sparsify.defaults.default_geometry`'s),
         ``debug`` (validate block tables), ``cuda_graphs`` (cached mode on CUDA: replay
-        passes as CUDA graphs, default True; see `runtime.graphs`),
+        passes as CUDA graphs, default True; see `runtime.graphs`), ``autotune`` (cached mode
+        on CUDA: the first call of each kernel shape bucket without a stored winner times the
+        candidate launch configs and keeps the fastest, default True; see
+        `runtime.AttentionRuntime.autotune`),
         ``capture_methods`` (subset of `sparsify.capture.CAPTURE_METHODS`, in order),
         ``allow_dense`` (full-sequence mode: return a module even when no site can be
         rewritten, default False), ``parallel`` (cached mode: None, or "heads" for
@@ -313,6 +316,11 @@ def sparsify(
     cuda_graphs = options.get("cuda_graphs", True)
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs: expected a bool, got {type(cuda_graphs).__name__}")
+    autotune = options.get("autotune", True)
+    if not isinstance(autotune, bool):
+        raise TypeError(f"autotune: expected a bool, got {type(autotune).__name__}")
+    if "autotune" in options and mode != "cached":
+        raise ValueError("autotune: an option of mode='cached' (the rollout's kernels)")
     allow_dense = options.get("allow_dense", False)
     if not isinstance(allow_dense, bool):
         raise TypeError(f"allow_dense: expected a bool, got {type(allow_dense).__name__}")
@@ -372,6 +380,7 @@ def sparsify(
     module = SparsifiedModule(graph_module, plan, attention, site_ids, constants)
     if mode == "cached":
         module.cuda_graphs = cuda_graphs
+        attention.autotune = autotune
     return module
 
 

@@ -115,6 +115,7 @@ def test_full_table_equals_dense_sdpa():
         (dict(scale=math.nan), "scale"),
         (dict(scale=math.inf), "scale"),
         (dict(scale="0.25"), "scale"),
+        (dict(autotune=1), "autotune"),
     ],
 )
 def test_rejects_bad_arguments(change, error):

@@ -16,15 +16,17 @@ HOPPER = CUDA and supports_tma(torch.device("cuda"))
 CONFIGS = [LaunchConfig(block_m=32, num_warps=4, num_stages=2)]
 if not CUDA or HOPPER:
     # The interpreter runs the TMA path too (host tensor descriptors are emulated).
-    CONFIGS.append(
-        LaunchConfig(block_m=32, num_warps=4, num_stages=2, tma=True, scheduled=True, block_n=16)
-    )
+    CONFIGS += [
+        LaunchConfig(block_m=32, num_warps=4, num_stages=2, tma=True, scheduled=True, block_n=16),
+        LaunchConfig(block_m=32, num_warps=4, num_stages=2, tma=True, warp_specialize=True),
+    ]
 if HOPPER:
     CONFIGS += [
         LaunchConfig(block_m=64, num_warps=4, num_stages=3, tma=True),
         LaunchConfig(block_m=64, num_warps=4, num_stages=3, tma=True, scheduled=True),
         LaunchConfig(block_m=64, num_warps=4, num_stages=3, tma=True, block_n=16),
         LaunchConfig(block_m=64, num_warps=4, num_stages=3, block_n=16),
+        LaunchConfig(block_m=128, num_warps=8, num_stages=2, tma=True, warp_specialize=True),
     ]
 
 

@@ -22,6 +22,7 @@ from codegen.spec import KernelSpec
         (dict(dtype="float64"), "dtype"),
         (dict(layout="BSHD"), "layout"),
         (dict(paged=1), "paged"),
+        (dict(warp_specialize=True), "warp_specialize"),
     ],
 )
 def test_invalid_specs_name_the_field(change, field):
@@ -52,6 +53,7 @@ def test_every_field_changes_name_and_digest():
         dict(tma=True),
         dict(tma=True, scheduled=True),
         dict(scheduled=True),
+        dict(tma=True, warp_specialize=True),
     ]
     names = {base.name} | {dataclasses.replace(base, **v).name for v in variants}
     digests = {base.digest()} | {dataclasses.replace(base, **v).digest() for v in variants}

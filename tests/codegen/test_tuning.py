@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import codegen.store as store
 import codegen.tuning as at
 from codegen.config import LaunchConfig
 from codegen.samples import sample_problem, small_inputs
@@ -17,6 +18,36 @@ def test_interpreter_gets_one_config_without_timing(monkeypatch):
     args = small_inputs(q_block=32, seed=1)
     config = at.autotune(**args)
     assert isinstance(config, LaunchConfig) and config.block_m <= 32
+
+
+def test_ensure_tuned_times_nothing_off_cuda(monkeypatch):
+    monkeypatch.setattr(at.triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed"))
+    monkeypatch.setattr(at, "save", lambda *a, **k: pytest.fail("stored"))
+    at.ensure_tuned(problem(40), return_lse=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ensure_tuned_tunes_a_bucket_once_and_never_under_capture(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSE_FORCING_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(store, "_memory", None)
+    monkeypatch.setattr(store, "_hits", {})
+    p = problem(100, device="cuda")
+    winner = LaunchConfig(block_m=32, num_warps=4, num_stages=2)
+    tuned = []
+
+    def fake_tune(p, *args, **kwargs):
+        tuned.append(p)
+        at.save(at.tuning_key(p), winner, 1.0)
+
+    monkeypatch.setattr(at, "_tune", fake_tune)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        at.ensure_tuned(p, return_lse=False)  # a capture cannot time: nothing tuned
+    assert not tuned
+    at.ensure_tuned(p, return_lse=False)
+    at.ensure_tuned(p, return_lse=True)  # the LSE is not part of the bucket
+    assert len(tuned) == 1 and at.lookup(p) == winner
 
 
 @pytest.mark.gpu

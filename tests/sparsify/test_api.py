@@ -221,6 +221,19 @@ def test_bad_input_is_reported_clearly():
         sparsify(NoAttention(), (x,), Dense(), mode="full_sequence")
     with pytest.raises(ValueError, match="4-tuple"):
         sparsify(_model(), {"x": inputs[0]}, Dense())
+    with pytest.raises(TypeError, match="autotune"):
+        sparsify(_model(), inputs, Dense(), autotune="yes")
+    with pytest.raises(ValueError, match="autotune"):
+        sparsify(NoAttention(), (x,), Dense(), geometry, mode="full_sequence", autotune=True)
+
+
+def test_autotune_option_reaches_the_runtime():
+    inputs, _ = _inputs()
+    assert sparsify(_model(), inputs, Dense()).runtime.autotune is True
+    module = sparsify(_model(), inputs, Dense(), autotune=False)
+    assert module.runtime.autotune is False
+    with pytest.raises(TypeError, match="autotune"):
+        module.runtime.autotune = 1
 
 
 def test_is_a_sparsified_module_and_a_runner(sdpa_module):
