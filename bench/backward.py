@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 from bench.common import device_record, time_ms, write_json
@@ -50,7 +51,7 @@ def run_case(case: KernelCase, seed: int = 0) -> list[dict]:
 
     # The timers call backward repeatedly over one retained graph; compiled flex's backward
     # donates its saved buffers unless told not to (then it refuses retain_graph=True).
-    torch._functorch.config.donated_buffer = False
+    functorch_config.donated_buffer = False
     dev = torch.device("cuda")
     q, k, v, k_pool, v_pool, page_lens = (
         t.requires_grad_() if t.is_floating_point() else t for t in case_tensors(case, dev, seed)
