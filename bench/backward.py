@@ -178,14 +178,16 @@ COLUMNS = [
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write records here")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help="comma-separated case names ('' for none)"
+    )
     parser.add_argument("--world-step", action="store_true", help="also time a world train step")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.backward needs a CUDA device", file=sys.stderr)
         return 2
     records = []
-    for name in args.cases.split(","):
+    for name in filter(None, args.cases.split(",")):
         if name not in CASES:
             parser.error(f"--cases: unknown case {name!r}; expected some of {sorted(CASES)}")
         records += run_case(CASES[name])

@@ -10,6 +10,11 @@ pages. SDPA, flex and pbsa read the same memory; pbsa is also timed on a paged p
 flex is compiled and pbsa autotuned for every density, each implementation is timed in
 `ROUNDS` interleaved rounds and reported by its median (`rounds_ms` keeps them all).
 
+FlashAttention-4's block-sparse forward (`flash-attn-4`, CuTe DSL) is the block-sparse peer
+(`fa4`): the same visible 128x128 blocks, read from the same BLHD memory, and FA4 without
+sparsity beside cuDNN (`fa4_dense`). Where the package is missing or refuses the problem,
+the JSON's `fa4_unavailable` says why and the other implementations are timed as usual.
+
 The block-table builder of the pattern library can be timed too (`select_overhead`): pass
 `--selector module:function` (e.g. `bench.selectors:persistent_local`) or `selector=` to
 `run_case`. A builder is called as `builder(case, density, q, k)` and returns a zero-argument
@@ -83,6 +88,35 @@ def flex_block_mask(case: KernelCase, counts: Tensor, idx: Tensor):
     )
 
 
+def fa4_block_sparse(counts: Tensor, idx: Tensor) -> object:
+    """FA4's block-sparse tensors for the table: every visible page a full 128x128 block.
+
+    FA4 walks a row's blocks from the last listed to the first and masks the sequence end
+    on the first one it computes, which is the partial last page whenever a row sees it
+    (the table lists pages in ascending order), so no mask_mod is needed."""
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    return BlockSparseTensorsTorch(
+        mask_block_cnt=torch.zeros_like(counts),
+        mask_block_idx=idx,
+        full_block_cnt=counts,
+        full_block_idx=idx,
+        block_size=(Q_BLOCK, PAGE),
+    )
+
+
+def fa4_runner(q: Tensor, k: Tensor, v: Tensor) -> Callable[..., Tensor]:
+    """FA4's forward on BLHD tensors (its native layout), with or without block sparsity.
+    Raises ImportError where flash-attn-4 is not installed."""
+    from flash_attn.cute import flash_attn_func
+
+    def run(sparse: object | None = None) -> Tensor:
+        out = flash_attn_func(q, k, v, block_sparse_tensors=sparse)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
 def sdpa_backends() -> dict[str, object]:
     from torch.nn.attention import SDPBackend
 
@@ -149,12 +183,25 @@ def run_case(
         with sdpa_kernel([sdpa_backend]):
             F.scaled_dot_product_attention(qt, kt, vt)
 
+    # FA4 dense beside the SDPA backends; any failure (not installed, unsupported card or
+    # problem) is recorded and FA4 left out of the rounds.
+    fa4_unavailable, fa4 = None, None
+    try:
+        fa4 = fa4_runner(q, k, v)
+        fa4_dense_err = float((fa4().float() - dense_out.transpose(1, 2).float()).abs().max())
+    except Exception as err:  # noqa: BLE001 -- a peer that cannot run is reported, not fatal
+        fa4_unavailable, fa4 = f"{type(err).__name__}: {str(err)[:300]}", None
+        print(f"fa4: unavailable ({fa4_unavailable})", file=sys.stderr)
+
     # Per density: the table, flex's block mask, the tuned PBSA configs and their errors.
     flex = torch.compile(flex_attention, dynamic=False)
     qc, kc, vc = (t.contiguous() for t in (qt, kt, vt))
     kw = dict(layout="BLHD", q_block=Q_BLOCK, page_size=PAGE)
     timers: dict[tuple[float | None, str], Callable[[], object]] = {(None, "sdpa_dense"): sdpa}
     extras: dict[tuple[float | None, str], dict] = {}
+    if fa4 is not None:
+        timers[None, "fa4_dense"] = fa4
+        extras[None, "fa4_dense"] = dict(max_abs_diff_vs_sdpa=fa4_dense_err)
     computed, select_ms, sweep_rows, full_out = {}, {}, [], None
     for density in case.densities:
         counts, idx = build_table(case, density, dev, seed)
@@ -168,6 +215,16 @@ def run_case(
         timers[density, "flex"] = flex_variants[min(flex_all, key=flex_all.get)]
         extras[density, "flex"] = dict(flex_all_ms=flex_all)
         flex_out = flex(qt, kt, vt, block_mask=mask)
+        if fa4 is not None:
+            try:
+                sparse = fa4_block_sparse(counts, F.pad(idx, (0, case.num_pages - idx.shape[-1])))
+                err = float((fa4(sparse).float() - flex_out.transpose(1, 2).float()).abs().max())
+                timers[density, "fa4"] = lambda s=sparse: fa4(s)
+                extras[density, "fa4"] = dict(max_abs_diff_vs_flex=err)
+            except Exception as err:  # noqa: BLE001 -- as above, per density
+                reason = f"{type(err).__name__}: {str(err)[:300]}"
+                fa4_unavailable = fa4_unavailable or f"block-sparse: {reason}"
+                print(f"fa4 block-sparse at density {density}: {reason}", file=sys.stderr)
         for impl, a in (
             ("pbsa", (q, k, v, counts, idx, None)),
             ("pbsa_paged", (q, k_pool, v_pool, counts, idx, page_lens)),
@@ -218,8 +275,24 @@ def run_case(
         records[0]["max_abs_diff_vs_pbsa_full"] = float(
             (full_out.float() - dense_out.transpose(1, 2).float()).abs().max()
         )
+    if (None, "fa4_dense") in ms:
+        t = ms[None, "fa4_dense"]
+        records.append(
+            _record(
+                case,
+                None,
+                "fa4_dense",
+                t,
+                float(lk),
+                speedup_vs_sdpa=base_ms / t,
+                efficiency=base_ms / t,
+                rounds_ms=samples[None, "fa4_dense"],
+                **extras[None, "fa4_dense"],
+            )
+        )
     for density in case.densities:
-        for impl in ("flex", "pbsa", "pbsa_paged"):
+        impls = ("flex", "fa4", "pbsa", "pbsa_paged")
+        for impl in (i for i in impls if (density, i) in ms):
             t = ms[density, impl]
             rec = _record(
                 case,
@@ -233,10 +306,14 @@ def run_case(
                 **extras[density, impl],
             )
             rec["efficiency"] = rec["speedup_vs_sdpa"] / rec["ideal_speedup"]
+            if (density, "fa4") in ms:
+                rec["speedup_vs_fa4"] = ms[density, "fa4"] / t
             if impl.startswith("pbsa"):
                 sel = select_ms.get(density)
                 rec["select_overhead"] = None if sel is None else sel / t
             records.append(rec)
+    for rec in records:
+        rec["fa4_unavailable"] = fa4_unavailable
     return records, sweep_rows
 
 
@@ -270,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "tflops",
         "speedup_vs_sdpa",
         "speedup_vs_flex",
+        "speedup_vs_fa4",
         "ideal_speedup",
         "efficiency",
     ]
