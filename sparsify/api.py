@@ -368,11 +368,14 @@ def sparsify(
     attention, modules = _attention(
         chosen, mode, pattern, geometry, backend, debug, limit, parallel
     )
+    device = _example_device(args, kwargs)
+    if device is not None:
+        # The new modules (block scorers included) start where the model runs: full-sequence
+        # mode has no `reset` that would move them.
+        attention.to(device)
     site_ids = {s.index: bind(m) for s, m in zip(chosen, modules, strict=True)}
     rewrite(graph_module, sites, site_ids)
-    rows = _plan_rows(
-        sites, verdicts, reasons, mode, geometry, _backend_label(backend, args, kwargs)
-    )
+    rows = _plan_rows(sites, verdicts, reasons, mode, geometry, _backend_label(backend, device))
     plan = Plan(
         rows, captured.method, mode, str(pattern), str(geometry), captured.failures,
         dict(constants.values()),
@@ -431,12 +434,18 @@ def _plan_rows(
     return rows
 
 
-def _backend_label(backend: str, args: tuple, kwargs: dict) -> str:
+def _example_device(args: tuple, kwargs: dict) -> torch.device | None:
+    """Where the example inputs live: the first CUDA input's device if any is on CUDA, else
+    the first tensor input's; None without tensor inputs."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    devices = [t.device for t in leaves if isinstance(t, Tensor)]
+    return next((d for d in devices if d.type == "cuda"), devices[0] if devices else None)
+
+
+def _backend_label(backend: str, device: torch.device | None) -> str:
     """The backend as the plan shows it: "auto" resolved from the example inputs' device."""
     if backend != "auto":
         return backend
-    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-    devices = {t.device.type for t in leaves if isinstance(t, Tensor)}
-    if "cuda" in devices:
+    if device is not None and device.type == "cuda":
         return "auto (triton)"
-    return "auto (torch)" if "cpu" in devices else "auto"
+    return "auto (torch)" if device is not None and device.type == "cpu" else "auto"

@@ -132,3 +132,16 @@ def test_cuda_graphs_in_full_sequence_mode():
     module.cuda_graphs = False
     with pytest.raises(ValueError, match="cuda_graphs"):
         module.cuda_graphs = True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_full_sequence_attention_starts_on_the_models_device():
+    # The rewritten layers' block scorers are new parameters: a CUDA model must run (and
+    # train) right after sparsify, with no .to() of its own.
+    model = Joint("conv", join=None).cuda().eval()
+    inputs = tuple(t.cuda() if isinstance(t, Tensor) else t for t in _inputs("conv", 3, 16))
+    module = sparsify(model, inputs, SPARSE, VideoGeometry(16, 1, 16, 16), mode="full_sequence")
+    assert {p.device.type for p in module.attention.parameters()} == {"cuda"}
+    out = module(*inputs)
+    assert out.is_cuda and bool(out.isfinite().all())
+    out.float().square().mean().backward()
