@@ -29,7 +29,14 @@ import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 from bench.common import device_record, time_ms, write_json
-from bench.kernel import ROUNDS, _record, computed_tokens, flex_block_mask, sdpa_backends
+from bench.kernel import (
+    ROUNDS,
+    _record,
+    computed_tokens,
+    flex_block_mask,
+    pbsa_variants,
+    sdpa_backends,
+)
 from codegen.samples import CASES, PAGE, Q_BLOCK, KernelCase, build_table, case_tensors
 from sparsify.tables import format_table
 
@@ -88,10 +95,7 @@ def run_case(case: KernelCase, seed: int = 0) -> list[dict]:
         bwd[density, "flex"] = _grad_timer(fwd[density, "flex"], (q, k, v))
         grad = torch.randn_like(q)
         ref = torch.autograd.grad(fwd[density, "flex"]().transpose(1, 2), (q, k, v), grad)
-        for impl, a in (
-            ("pbsa", (q, k, v, counts, idx, None)),
-            ("pbsa_paged", (q, k_pool, v_pool, counts, idx, page_lens)),
-        ):
+        for impl, a in pbsa_variants(q, k, v, (k_pool, v_pool, page_lens), counts, idx).items():
             fwd[density, impl] = lambda a=a: codegen.pbsa_attention(*a, **kw)[0]
             bwd[density, impl] = _grad_timer(fwd[density, impl], a[:3])
             if impl == "pbsa":

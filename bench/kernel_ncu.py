@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from bench.kernel import fa4_block_sparse, fa4_runner
+from bench.kernel import fa4_block_sparse, fa4_runner, pbsa_variants
 from codegen.samples import CASES, PAGE, Q_BLOCK, build_table, case_tensors
 
 WARMUP_CALLS = 3
@@ -40,16 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     counts, idx = build_table(case, args.density, dev)
     kw = dict(layout="BLHD", q_block=Q_BLOCK, page_size=PAGE)
     calls = {}
-    for impl, a in (
-        ("pbsa", (q, k, v, counts, idx, None)),
-        ("pbsa_paged", (q, k_pool, v_pool, counts, idx, page_lens)),
-    ):
+    for impl, a in pbsa_variants(q, k, v, (k_pool, v_pool, page_lens), counts, idx).items():
         print(impl, autotune(*a, **kw, progress=False), flush=True)
         calls[impl] = lambda a=a: codegen.pbsa_attention(*a, **kw)
     try:
         fa4 = fa4_runner(q, k, v)
-        padded = torch.nn.functional.pad(idx, (0, case.num_pages - idx.shape[-1]))
-        sparse = fa4_block_sparse(counts, padded)
+        sparse = fa4_block_sparse(case, counts, idx)
         calls["fa4"] = lambda: fa4(sparse)
     except ImportError as err:
         print(f"fa4: not profiled ({err})", file=sys.stderr)
