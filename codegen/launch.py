@@ -64,11 +64,9 @@ def default_config(p: Problem, interpret: bool) -> LaunchConfig:
     if hit is not None:
         return hit
     if supports_tma(p.q.device) and p.head_dim <= 128 and p.q.element_size() == 2:
-        # Untuned on Hopper: the H200 sweep's winners of sf5s at every density (paged: 64
-        # rows, 4 warps, 3 stages, 64-key TMA half steps, 18 % faster than 128 rows / 8 warps
-        # / 2 stages; contiguous: 128 rows, 8 warps, 3 stages).
-        if p.paged and p.q_block % 64 == 0:
-            return LaunchConfig(64, 4, 3, tma=True, block_n=64 if p.page_size > 64 else None)
+        # Untuned on Hopper: the H200 autotune winners of sf5s and paper65k at every density,
+        # paged or not, since the strides are specialised (no spills at 128 rows): 128 rows,
+        # 8 warps, 3 stages, whole-page TMA steps.
         return LaunchConfig(min(128, p.q_block), 8, 3, tma=True)
     return LaunchConfig(
         block_m=min(128, p.q_block), num_warps=8, num_stages=2, tma=supports_tma(p.q.device)

@@ -52,16 +52,17 @@ def default_backward_configs(p: Problem, interpret: bool) -> tuple[LaunchConfig,
     if interpret:
         tile = LaunchConfig(block_m=min(64, p.q_block), num_warps=4, num_stages=1)
         return tile, tile
-    # Untuned. head_dim <= 128: the fastest of `bench.bwd_kernel --sweep` on an H200 (dQ 128
-    # rows × 32 keys, 4 warps, 3 stages; dK/dV 128 keys × 32 rows, 8 warps: 2.0× faster than
-    # 64 × 64 with 4 warps). head_dim 256 (not swept): half-size tiles that keep the doubled
-    # fp32 accumulators in registers.
+    # Untuned. head_dim <= 128: the fastest of `bench.bwd_kernel --sweep` on an H200 with
+    # pipelined loads (dQ 128 rows × 64 keys, 8 warps, 3 stages: 1.28× faster than 128 × 32
+    # with 4 warps; dK/dV 128 keys × 64 rows, 8 warps, 2 stages: 1.15× faster than 32 rows).
+    # head_dim 256 (not swept): half-size tiles that keep the doubled fp32 accumulators in
+    # registers.
     if p.head_dim > 128:
         dq_default = LaunchConfig(min(64, p.q_block), 8, 2, block_n=32)
         dkdv_default = LaunchConfig(min(32, p.q_block), 4, 2, block_n=32)
     else:
-        dq_default = LaunchConfig(min(128, p.q_block), 4, 3, block_n=32)
-        dkdv_default = LaunchConfig(min(32, p.q_block), 8, 2, block_n=min(128, p.page_size))
+        dq_default = LaunchConfig(min(128, p.q_block), 8, 3, block_n=min(64, p.page_size))
+        dkdv_default = LaunchConfig(min(64, p.q_block), 8, 2, block_n=min(128, p.page_size))
     dq = lookup(p, "bwd_dq") or dq_default
     dkdv = lookup(p, "bwd_dkdv") or dkdv_default
     return dq, dkdv

@@ -28,8 +28,9 @@ class KernelArg:
 
     kind: "tensor" (a pointer, or a TMA descriptor for K/V), "int" (changes with sequence
     lengths or pool sizes), "stride" (an int the launcher keeps a multiple of 16), "float".
-    Ints and strides are never specialised on (value 1, divisibility by 16): a growing cache
-    would recompile otherwise.
+    Ints are never specialised on (value 1, divisibility by 16): a growing cache would
+    recompile otherwise. Strides are specialised on divisibility by 16, which the launcher
+    guarantees (one key, no recompilation): it is what vectorises the pointer loads.
     """
 
     name: str
@@ -112,8 +113,9 @@ def kernel_args(spec: KernelSpec, kernel: str = "fwd") -> tuple[KernelArg, ...]:
 
 
 def runtime_int_args(spec: KernelSpec, kernel: str = "fwd") -> tuple[str, ...]:
-    """Names of the int arguments Triton must not specialise on."""
-    return tuple(a.name for a in kernel_args(spec, kernel) if a.kind in ("int", "stride"))
+    """Names of the int arguments Triton must not specialise on: the sizes, not the strides
+    (see `KernelArg`)."""
+    return tuple(a.name for a in kernel_args(spec, kernel) if a.kind == "int")
 
 
 def call_args(spec: KernelSpec, values: Mapping[str, object], kernel: str = "fwd") -> list[object]:

@@ -41,14 +41,14 @@ _TILES = ((64, 4), (128, 8))
 def candidate_configs(p: Problem) -> list[LaunchConfig]:
     """The search space, pruned by divisibility and the device's shared memory:
     tiles of _TILES whose block_m divides q_block (else one tile of q_block rows), 2-4
-    pipeline stages, pointer loads and (on Hopper) TMA loads of whole pages or of 64-key half
-    steps (half the shared memory per stage, so two programs can share an SM), in launch
-    order or longest-first order, and (128-row tiles) TMA in a warp-specialised loop.
+    pipeline stages, pointer loads and (on Hopper) TMA loads, each of whole pages or of 64-key
+    half steps (half the shared memory per stage, so two programs can share an SM), TMA in
+    launch order or longest-first order, and (128-row tiles) TMA in a warp-specialised loop.
     H200, sf5s: warp specialisation ties the best plain TMA loop on contiguous K/V and loses
     10-18 % on paged K/V (triton 3.6); kept as a candidate for where it wins."""
-    variants = [dict(tma=False)]
+    steps = [None] + ([64] if p.page_size > 64 else [])
+    variants = [dict(tma=False, block_n=n) for n in steps]
     if supports_tma(p.q.device):
-        steps = [None] + ([64] if p.page_size > 64 else [])
         variants += [dict(tma=True, block_n=n, scheduled=s) for n in steps for s in (False, True)]
         # whole-page steps in a warp-specialised loop (TMA producer warps, compute consumers);
         # 128-row tiles only: triton 3.6 fails to compile the 64-row, 4-warp one (H200)
