@@ -10,7 +10,8 @@ Implementations, each timed over the whole rollout of a horizon in one process:
 
 * `dense_compiled` — the headline denominator: `runtime.CompiledDenseRunner`, the same
                     Self-Forcing cache in fixed buffers, blocks under torch.compile, cuDNN SDPA
-                    (`--sdpa-backend`), every pass replayed from a CUDA graph;
+                    (`--sdpa-backend`; `fa4`: FlashAttention-4's forward where flash-attn-4
+                    is installed), every pass replayed from a CUDA graph;
 * `dense`         — the model's own SDPA attention with the eager Self-Forcing cache (global up
                     to 21 frames, then a rolling 21-frame window without sink);
 * `sparse`        — `sparsify(model, default PersistentLocal)`, its graph compiled and its
@@ -237,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="compiled runners uncompiled")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="graphed runners eager")
     parser.add_argument(
-        "--sdpa-backend", default="cudnn", choices=SDPA_BACKENDS, help="dense_compiled's SDPA"
+        "--sdpa-backend",
+        default="cudnn",
+        choices=SDPA_BACKENDS,
+        help="dense_compiled's attention: an SDPA backend, or fa4 (flash-attn-4, if installed)",
     )
     args = parser.parse_args(argv)
     if args.merge:

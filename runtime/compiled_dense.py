@@ -6,7 +6,8 @@ What it does beyond `runtime.eager.EagerRunner` (same model, same frames attende
 * the cache is a `runtime.ring_cache.RingFrameCache`: fixed buffers, a chunk written in
   place where the dropped frames were (no compaction copies; every address stays put);
 * each layer's self-attention (the cache write and SDPA on the attended prefix) runs eagerly
-  on a chosen SDPA backend (cuDNN by default); everything else of each block is under
+  on a chosen SDPA backend (cuDNN by default) or FlashAttention-4's forward ("fa4", where
+  flash-attn-4 is installed); everything else of each block is under
   ``torch.compile`` (one compiled code shared by the blocks, weights as inputs);
 * on CUDA every pass is replayed from a CUDA graph (``runtime.graphs.PassGraphs``), one per
   attended length: 7 for Self-Forcing's 21-frame window (6 while it fills, then one for the
@@ -31,7 +32,26 @@ from runtime.ring_cache import RingFrameCache
 
 __all__ = ["SDPA_BACKENDS", "CompiledDenseRunner"]
 
-SDPA_BACKENDS = ("cudnn", "flash", "efficient", "auto")
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "auto", "fa4")
+
+
+def _fa4_forward():
+    """flash-attn-4's dense forward on BLHD tensors (GQA native): a clear error where the
+    optional package is missing."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError as error:
+        raise ImportError(
+            "sdpa_backend='fa4' needs flash-attn-4 (pip install flash-attn-4 "
+            "'nvidia-cutlass-dsl[cu13]'), a Hopper or Blackwell GPU; it could not be imported: "
+            f"{error}"
+        ) from error
+
+    def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = flash_attn_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+
+    return forward
 
 
 def _sdpa_backends(name: str) -> list | None:
@@ -52,19 +72,23 @@ class _RingAttention(nn.Module):
 
     Kept out of ``torch.compile``: the write is an in-place copy into a buffer the compiler
     must not functionalise (it would copy the whole cache), and SDPA runs on the backend
-    chosen here, not the one the compiler happened to trace.
+    chosen here, not the one the compiler happened to trace. "fa4" replaces the model's
+    spelling by FA4's forward on CUDA (the same unmasked attention over the prefix).
     """
 
     def __init__(self, cache: RingFrameCache, layer: int, attend: nn.Module, backend: str):
         super().__init__()
         self.cache, self.layer, self.attend = cache, layer, attend
-        self._backends = _sdpa_backends(backend)
+        self._fa4 = _fa4_forward() if backend == "fa4" else None
+        self._backends = None if backend == "fa4" else _sdpa_backends(backend)
 
     @torch.compiler.disable
     def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         if attn_mask is not None:
             raise ValueError("attn_mask: the cached chunk form takes no mask")
         k, v = self.cache.write(self.layer, k, v)
+        if self._fa4 is not None and q.is_cuda:
+            return self._fa4(q, k, v)
         if self._backends is None or not q.is_cuda:
             return self.attend(q, k, v)
         from torch.nn.attention import sdpa_kernel
@@ -90,7 +114,8 @@ class CompiledDenseRunner(DenseRunnerBase):
         Self-Forcing's 21-frame window, the global cache while a video fits it).
     compile: ``torch.compile`` each block (all but its self-attention); compile_options go
         to ``torch.compile``. cuda_graphs: replay passes on CUDA as CUDA graphs.
-    sdpa_backend: one of ``SDPA_BACKENDS`` for the self-attention ("auto": PyTorch's pick).
+    sdpa_backend: one of ``SDPA_BACKENDS`` for the self-attention ("auto": PyTorch's pick;
+        "fa4": FlashAttention-4's forward, an optional package, checked here).
 
     Chunks must come in order, as for `EagerRunner`; a rejected call raises before touching
     the cache. Outputs equal `EagerRunner`'s up to rounding (the keys are attended in slot
@@ -115,6 +140,8 @@ class CompiledDenseRunner(DenseRunnerBase):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         if sdpa_backend not in SDPA_BACKENDS:
             raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}, got {sdpa_backend!r}")
+        if sdpa_backend == "fa4":
+            _fa4_forward()  # a missing package fails here, before anything is built
         policy = CachePolicy(SELF_FORCING_WINDOW_FRAMES) if policy is None else policy
         self.cache = RingFrameCache(policy)
         self.sdpa_backend = sdpa_backend

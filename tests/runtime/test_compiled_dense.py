@@ -113,6 +113,16 @@ def test_rejects_bad_arguments(small):
     assert runner.next_frame == 0
 
 
+def test_fa4_without_its_package_fails_at_construction_naming_it(small):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    model, _ = small
+    with pytest.raises(ImportError, match="sdpa_backend='fa4' needs flash-attn-4"):
+        CompiledDenseRunner(model, sdpa_backend="fa4", compile=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cudnn", "auto"])
 def test_graphed_runner_equals_eager_dense_on_cuda(backend):
