@@ -35,6 +35,7 @@ import gc
 import json
 import statistics
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,9 +345,15 @@ def main(argv: list[str] | None = None) -> int:
             if impl == "dense_compiled":
                 record["sdpa_backend"] = args.sdpa_backend
             if name in fractions:
-                record["attention_fraction"] = attention_fraction(
-                    by_impl[impl], config, context, horizon
-                )
+                # a failed profile must not cost the timings already taken: its error is
+                # recorded (and printed whole) in place of the fraction
+                try:
+                    record["attention_fraction"] = attention_fraction(
+                        by_impl[impl], config, context, horizon
+                    )
+                except Exception as error:
+                    traceback.print_exc()
+                    record["attention_fraction_error"] = f"{type(error).__name__}: {error}"
             records.append(record)
         del videos
         _relate(records)
