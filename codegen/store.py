@@ -1,6 +1,7 @@
 """The persisted autotune winners: `autotune.json` in the cache dir, one record per key.
 
-A key is (device name, torch version, triton version, kernel structure, shape bucket); the
+A key is (device name, torch version, triton version, kernel source, kernel structure, shape
+bucket): a winner timed on other kernel code (a changed template) is never reused; the
 shape bucket is (next power of two of Lq, the table width Kmax rounded up to a power of two
 or 1.5 times one): both are known without reading the table on the host, so a lookup never
 syncs the device. Every record is validated when the file is read: a bad one (a missing
@@ -21,6 +22,7 @@ import triton
 from codegen.cache import atomic_write, cache_dir
 from codegen.config import LaunchConfig, spec_for
 from codegen.problem import Problem
+from codegen.render import module_of, template_fingerprint
 
 # The structure of a call without any tuning choice (the store's key).
 _PROBE = LaunchConfig(block_m=16, num_warps=4, num_stages=2)
@@ -44,8 +46,9 @@ def width_bucket(n: int) -> int:
 
 
 def tuning_key(p: Problem, kernel: str = "fwd") -> str:
-    """Identity of a tuning result: device, versions, kernel structure, shape bucket, and
-    which kernel ("fwd", or the backward's "bwd_dq" / "bwd_dkdv", tuned separately).
+    """Identity of a tuning result: device, versions, the generated source's fingerprint,
+    kernel structure, shape bucket, and which kernel ("fwd", or the backward's "bwd_dq" /
+    "bwd_dkdv", tuned separately).
 
     Whether the LSE is written is left out: it adds one store per row after the kv loop and
     does not change which tiling wins, so a winner tuned with the LSE serves the runtime's
@@ -60,6 +63,7 @@ def tuning_key(p: Problem, kernel: str = "fwd") -> str:
             device=device,
             torch=torch.__version__,
             triton=triton.__version__,
+            source=template_fingerprint(module_of(kernel))[:16],
             spec=json.loads(base.key()),
             lq=next_pow2(p.q_len),
             kmax=width_bucket(p.max_blocks),

@@ -43,10 +43,19 @@ def test_winner_is_persisted_and_found_for_the_same_bucket_only(fresh_store, mon
     assert store.lookup(problem(100, dtype=torch.float16)) is None  # another structure
 
 
-def test_key_names_device_versions_and_structure():
+def test_key_names_device_versions_source_and_structure():
     key = store.tuning_key(problem(100))
-    for field in ('"device"', '"torch"', '"triton"', '"spec"', '"lq": 128', '"kmax"'):
+    for field in ('"device"', '"torch"', '"triton"', '"source"', '"spec"', '"lq": 128', '"kmax"'):
         assert field in key
+
+
+def test_a_changed_kernel_source_gets_other_keys(monkeypatch):
+    # winners timed on other kernel code are not evidence for this one
+    p = problem(100)
+    before = {k: store.tuning_key(p, k) for k in ("fwd", "bwd_dq")}
+    monkeypatch.setattr(store, "template_fingerprint", lambda module: module * 16)
+    for kernel, key in before.items():
+        assert store.tuning_key(p, kernel) != key
 
 
 def test_width_buckets_are_tight_and_monotone():
