@@ -26,7 +26,7 @@ from codegen.spec import KernelSpec
 
 _TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _INDEX_TENSORS = ("NumBlocks", "Indices", "PageLens", "Offsets", "Entries", "Schedule")
-_FP32_TENSORS = ("Lse", "Delta")
+_FP32_TENSORS = ("Lse", "Delta", "Part", "PartLse")
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,11 @@ def _loop_bodies(ttgir: str) -> str:
     return "\n".join(body)
 
 
-_TILE = r"tensor<\d+x\d+x!tt\.ptr<[a-z0-9]+>, #(\w+)>"
+_TILE = r"tensor<\d+x\d+x!tt\.ptr<[a-z0-9]+>, #\w+>"
+_TILE_PARTS = r"tensor<\d+x\d+x!tt\.ptr<([a-z]+)(\d+)>, #(\w+)>"
 
 
-def _narrow_accesses(ttgir: str, element_bits: int) -> int:
+def _narrow_accesses(ttgir: str) -> int:
     """2-D pointer loads/stores whose blocked layout gives a thread < 16 contiguous bytes."""
     per_thread = {
         name: int(vec)
@@ -128,10 +129,10 @@ def _narrow_accesses(ttgir: str, element_bits: int) -> int:
         )
     }
     narrow = 0
-    for op in re.findall(
-        rf"(?:tt\.load|tt\.store|ttg\.async_copy_global_to_local) [^\n]*?{_TILE}", ttgir
+    for _, bits, layout in re.findall(
+        rf"(?:tt\.load|tt\.store|ttg\.async_copy_global_to_local) [^\n]*?{_TILE_PARTS}", ttgir
     ):
-        if per_thread.get(op, 16) * element_bits < 128:
+        if layout in per_thread and per_thread[layout] * int(bits) < 128:
             narrow += 1
     return narrow
 
@@ -202,24 +203,22 @@ def _compile(spec: KernelSpec, kernel: str, config: LaunchConfig, arch: int) -> 
     )
     ttgir = compiled.asm["ttgir"]
     registers, spills = _ptxas_report(compiled.asm["ptx"], arch)
-    bits = {"float32": 32, "float16": 16, "bfloat16": 16}[spec.dtype]
     return CompiledReport(
         registers=registers,
         spill_bytes=spills,
         shared_bytes=int(compiled.metadata.shared),
-        **tile_access_counts(ttgir, bits),
+        **tile_access_counts(ttgir),
         ttgir=ttgir,
     )
 
 
-def tile_access_counts(ttgir: str, element_bits: int) -> dict[str, int]:
-    """`CompiledReport`'s sync_loop_loads, async_loads and narrow_accesses of a TTGIR text
-    whose tensors have `element_bits`-bit elements."""
+def tile_access_counts(ttgir: str) -> dict[str, int]:
+    """`CompiledReport`'s sync_loop_loads, async_loads and narrow_accesses of a TTGIR text."""
     async_ops = r"ttg\.async_copy_global_to_local|ttng\.async_tma_copy_global_to_local"
     return dict(
         sync_loop_loads=len(re.findall(rf"tt\.load [^\n]*?{_TILE}", _loop_bodies(ttgir))),
         async_loads=len(re.findall(rf"(?:{async_ops}) [^\n]*", ttgir)),
-        narrow_accesses=_narrow_accesses(ttgir, element_bits),
+        narrow_accesses=_narrow_accesses(ttgir),
     )
 
 

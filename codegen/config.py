@@ -21,6 +21,7 @@ class LaunchConfig:
     tma: Hopper tensor-descriptor loads. scheduled: longest-first tile order.
     warp_specialize: Triton's warp-specialised kv loop (with tma only).
     block_n: keys per step, a power of two >= 16 (capped at the page size); None: one page.
+    kv_splits: programs per query tile, each over a share of its pages, merged after (1..8).
     """
 
     block_m: int = 128
@@ -30,6 +31,7 @@ class LaunchConfig:
     scheduled: bool = False
     block_n: int | None = None
     warp_specialize: bool = False
+    kv_splits: int = 1
 
     def __post_init__(self) -> None:
         for name, value in (("block_m", self.block_m), ("block_n", self.block_n)):
@@ -53,6 +55,9 @@ class LaunchConfig:
                 )
         if self.warp_specialize and not self.tma:
             raise ValueError("LaunchConfig.warp_specialize: needs tma=True")
+        splits = self.kv_splits
+        if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= 8:
+            raise ValueError(f"LaunchConfig.kv_splits: expected an int in 1..8, got {splits!r}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -90,11 +95,14 @@ def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
         tma=config.tma,
         scheduled=config.scheduled,
         warp_specialize=config.warp_specialize,
+        kv_splits=config.kv_splits,
     )
 
 
 def backward_spec_for(p: Problem, config: LaunchConfig) -> KernelSpec:
     """The spec of the backward kernels run with `config`: the call's structure, the
     config's tile (block_m query rows, block_n keys), pointer loads in launch order."""
-    plain = dataclasses.replace(config, tma=False, scheduled=False, warp_specialize=False)
+    plain = dataclasses.replace(
+        config, tma=False, scheduled=False, warp_specialize=False, kv_splits=1
+    )
     return spec_for(p, plain, return_lse=True)

@@ -11,7 +11,7 @@ from torch import Tensor
 from codegen.cache import get_kernel
 from codegen.config import LaunchConfig, spec_for, supports_tma
 from codegen.problem import Problem
-from codegen.render import call_args
+from codegen.render import MERGE_ROWS, call_args
 from codegen.spec import KernelSpec
 from codegen.store import lookup
 
@@ -174,9 +174,31 @@ def pbsa_triton(
         qk_scale=p.scale,
     )
     values.update(zip(("stride_qb", "stride_qh", "stride_ql"), bhl_strides(p, p.q), strict=True))
-    values.update(zip(("stride_ob", "stride_oh", "stride_ol"), bhl_strides(p, out), strict=True))
     values.update(_kv_args(p, spec))
     grid = (m_tiles * p.batch * p.heads,) if spec.scheduled else (m_tiles, p.batch * p.heads)
     launch = {} if interpret else dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    kernel[grid](*call_args(spec, values), UPCAST=interpret, **launch)
+    splits = spec.kv_splits
+    if splits == 1:
+        values.update(
+            zip(("stride_ob", "stride_oh", "stride_ol"), bhl_strides(p, out), strict=True)
+        )
+        kernel[grid](*call_args(spec, values), UPCAST=interpret, **launch)
+        return out, (lse if return_lse else None)
+    # Split walk: each share writes float32 partials as batch row b·splits + s (q's layout),
+    # then one merge pass writes out (and the LSE).
+    f32 = dict(dtype=torch.float32, device=p.q.device)
+    part = torch.empty((p.batch * splits, *p.q.shape[1:]), **f32)
+    part_lse = torch.empty(p.batch * splits, p.heads, p.q_len, **f32)
+    values.update(Out=part, Lse=part_lse)
+    values.update(zip(("stride_ob", "stride_oh", "stride_ol"), bhl_strides(p, part), strict=True))
+    kernel[(*grid, splits)](*call_args(spec, values), UPCAST=interpret, **launch)
+    merge = dict(Part=part, PartLse=part_lse, Out=out, Lse=lse if return_lse else part_lse)
+    merge.update(num_heads=p.heads, q_len=p.q_len)
+    merge.update(zip(("stride_pb", "stride_ph", "stride_pl"), bhl_strides(p, part), strict=True))
+    merge.update(zip(("stride_ob", "stride_oh", "stride_ol"), bhl_strides(p, out), strict=True))
+    merger = memo_kernel(spec, interpret, "fwd_merge")
+    merge_launch = {} if interpret else dict(num_warps=4, num_stages=1)
+    merger[(triton.cdiv(p.q_len, MERGE_ROWS), p.batch * p.heads)](
+        *call_args(spec, merge, "fwd_merge"), UPCAST=interpret, **merge_launch
+    )
     return out, (lse if return_lse else None)

@@ -1,6 +1,7 @@
 """`render(spec, module) -> str`: the Triton source of a PBSA module, from a Jinja2 template.
 
-Two modules per spec: "fwd" (the forward kernel) and "bwd" (the backward's three kernels:
+Two modules per spec: "fwd" (the forward kernel, and `fwd_merge`, which combines the float32
+partials of a split walk, `KernelSpec.kv_splits`) and "bwd" (the backward's three kernels:
 delta = rowsum(dO·O), dQ, dK/dV). Both templates share the tile-load macros.
 """
 
@@ -18,8 +19,11 @@ from codegen.spec import KernelSpec
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATES = {"fwd": "pbsa_fwd.py.jinja", "bwd": "pbsa_bwd.py.jinja"}
-# The kernels of each module: the forward's one, the backward's three.
-KERNELS = {"fwd": ("fwd",), "bwd": ("bwd_delta", "bwd_dq", "bwd_dkdv")}
+# Query rows per program of `fwd_merge`: 32 rows of float32 keep the partial tile and the
+# accumulator in registers up to head_dim 256 at 4 warps (128 rows spill at head_dim 128).
+MERGE_ROWS = 32
+# The kernels of each module: the forward and its split merge, the backward's three.
+KERNELS = {"fwd": ("fwd", "fwd_merge"), "bwd": ("bwd_delta", "bwd_dq", "bwd_dkdv")}
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def module_of(kernel: str) -> str:
 
 
 def kernel_name(spec: KernelSpec, kernel: str = "fwd") -> str:
-    """The generated function's name: the spec's name, suffixed for backward kernels."""
+    """The generated function's name: the spec's name, suffixed for every kernel but "fwd"."""
     module_of(kernel)
     return spec.name if kernel == "fwd" else f"{spec.name}_{kernel}"
 
@@ -96,6 +100,13 @@ def kernel_args(spec: KernelSpec, kernel: str = "fwd") -> tuple[KernelArg, ...]:
     the signature and the launcher fills by name (`call_args`)."""
     if module_of(kernel) == "bwd":
         return _backward_args(kernel)
+    if kernel == "fwd_merge":  # partials [B·splits, ...] in q's layout -> out, LSE
+        return (
+            _args("tensor", "Part", "PartLse", "Out", "Lse")
+            + _args("stride", "stride_pb", "stride_ph", "stride_pl")
+            + _args("stride", "stride_ob", "stride_oh", "stride_ol")
+            + _args("int", "num_heads", "q_len")
+        )
     tensors = ("Q", "K", "V", "Out", "Lse", "NumBlocks", "Indices", "PageLens", "Schedule")
     qo = ("stride_qb", "stride_qh", "stride_ql", "stride_ob", "stride_oh", "stride_ol")
     if spec.tma:  # K/V rows of (batch, kv head) and the kv head's column in the 2-D views
@@ -149,8 +160,8 @@ def template_fingerprint(module: str = "fwd") -> str:
 
 
 def render(spec: KernelSpec, module: str = "fwd") -> str:
-    """Complete Python module source: "fwd" defines `@triton.jit def <spec.name>(...)`,
-    "bwd" the three backward kernels named by `kernel_name`."""
+    """Complete Python module source: "fwd" defines `@triton.jit def <spec.name>(...)` and
+    its merge, "bwd" the three backward kernels, each named by `kernel_name`."""
     if not isinstance(spec, KernelSpec):
         raise TypeError(f"spec: expected a KernelSpec, got {type(spec).__name__}")
     if module not in TEMPLATES:
@@ -167,5 +178,6 @@ def render(spec: KernelSpec, module: str = "fwd") -> str:
             names={k: kernel_name(spec, k) for k in KERNELS[module]},
             args={k: kernel_args(spec, k) for k in KERNELS[module]},
             dot_precision=precision,
+            merge_rows=MERGE_ROWS,
         )
     )

@@ -27,6 +27,8 @@ from codegen.render import module_of, template_fingerprint
 # The structure of a call without any tuning choice (the store's key).
 _PROBE = LaunchConfig(block_m=16, num_warps=4, num_stages=2)
 _FIELDS = tuple(f.name for f in dataclasses.fields(LaunchConfig))
+# Fields that records written before they existed lack: those records mean the default.
+_ADDED_LATER = ("kv_splits",)
 
 _memory: dict[str, LaunchConfig] | None = None
 _hits: dict[tuple, LaunchConfig | None] = {}
@@ -99,10 +101,10 @@ def _config(record: object) -> LaunchConfig:
     """The LaunchConfig of one stored record; ValueError/TypeError saying what is wrong."""
     if not isinstance(record, dict):
         raise TypeError(f"expected an object, got {type(record).__name__}")
-    missing = [name for name in _FIELDS if name not in record]
+    missing = [name for name in _FIELDS if name not in record and name not in _ADDED_LATER]
     if missing:
         raise ValueError(f"missing field(s) {', '.join(missing)}")
-    return LaunchConfig(**{name: record[name] for name in _FIELDS})
+    return LaunchConfig(**{name: record[name] for name in _FIELDS if name in record})
 
 
 def load() -> dict[str, LaunchConfig]:

@@ -7,6 +7,7 @@ later call (and process) of that bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -87,8 +88,9 @@ def autotune(
         return default_config(p, interpret=True)
     if not force and (hit := lookup(p)) is not None:
         return hit
-    candidates = list(configs) if configs is not None else candidate_configs(p)
-    return _tune(p, return_lse, candidates, progress)
+    if configs is not None:
+        return _tune(p, return_lse, list(configs), progress, try_splits=False)
+    return _tune(p, return_lse, candidate_configs(p), progress)
 
 
 def ensure_tuned(p: Problem, return_lse: bool) -> None:
@@ -100,17 +102,31 @@ def ensure_tuned(p: Problem, return_lse: bool) -> None:
     _tune(p, return_lse, candidate_configs(p), progress=False)
 
 
+# Shares per query tile tried for the winning tile (`LaunchConfig.kv_splits`): the 1.3B
+# model's chunk has 444 tiles of 128 rows for 132 SMs, 3.4 waves of whole tiles; 2 or 4
+# shares make 7 or 14 waves of half or quarter tiles (3.5 waves of work), 3 make 11 of a third.
+KV_SPLITS_TRIED = (2, 3, 4)
+
+
 def _tune(
-    p: Problem, return_lse: bool, candidates: list[LaunchConfig], progress: bool
+    p: Problem,
+    return_lse: bool,
+    candidates: list[LaunchConfig],
+    progress: bool,
+    try_splits: bool = True,
 ) -> LaunchConfig:
-    """Time `candidates` on `p` and persist the winner for its bucket."""
+    """Time `candidates` on `p` and persist the winner for its bucket. With `try_splits`,
+    the winner is then timed against itself split into KV_SPLITS_TRIED shares (a second,
+    short round: the split count depends on the tile, not the other way round)."""
     out = torch.empty_like(p.q, memory_format=torch.contiguous_format)
-    best, ms = _fastest(
-        candidates,
-        lambda config: pbsa_triton(p, return_lse=return_lse, config=config, out=out),
-        "autotune pbsa",
-        progress,
-    )
+
+    def run(config: LaunchConfig) -> object:
+        return pbsa_triton(p, return_lse=return_lse, config=config, out=out)
+
+    best, ms = _fastest(candidates, run, "autotune pbsa", progress)
+    if try_splits and best.kv_splits == 1:
+        split = [dataclasses.replace(best, kv_splits=s) for s in KV_SPLITS_TRIED]
+        best, ms = _fastest([best, *split], run, "autotune pbsa kv splits", progress)
     save(tuning_key(p), best, ms)
     return best
 

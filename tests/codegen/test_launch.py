@@ -19,6 +19,10 @@ if not CUDA or HOPPER:
     CONFIGS += [
         LaunchConfig(block_m=32, num_warps=4, num_stages=2, tma=True, scheduled=True, block_n=16),
         LaunchConfig(block_m=32, num_warps=4, num_stages=2, tma=True, warp_specialize=True),
+        # split walks: 2 shares with pointer loads, 3 in longest-first order (some shares of
+        # short rows are empty)
+        LaunchConfig(block_m=32, num_warps=4, num_stages=2, kv_splits=2),
+        LaunchConfig(block_m=32, num_warps=4, num_stages=2, tma=True, scheduled=True, kv_splits=3),
     ]
 if HOPPER:
     CONFIGS += [
@@ -27,6 +31,8 @@ if HOPPER:
         LaunchConfig(block_m=64, num_warps=4, num_stages=3, tma=True, block_n=16),
         LaunchConfig(block_m=64, num_warps=4, num_stages=3, block_n=16),
         LaunchConfig(block_m=128, num_warps=8, num_stages=2, tma=True, warp_specialize=True),
+        LaunchConfig(block_m=128, num_warps=8, num_stages=3, tma=True, kv_splits=2),
+        LaunchConfig(block_m=64, num_warps=4, num_stages=3, tma=True, block_n=16, kv_splits=4),
     ]
 
 
@@ -114,3 +120,43 @@ def test_schedule_of_one_table_follows_the_query_length():
     for p in (long, short, long):
         order = _schedule(p, 32)
         assert sorted(order.tolist()) == list(range(2 * -(-p.q_len // 32)))
+
+
+@settings(max_examples=20 if CUDA else 3)
+@given(
+    splits=st.sampled_from([2, 3, 8]),
+    tma=st.booleans() if (HOPPER or not CUDA) else st.just(False),
+    paged=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_split_walk_equals_the_whole_walk(splits, tma, paged, seed):
+    """fp32, where the two walks differ only by summation order: shares of rows with fewer
+    steps than splits are empty, and a row no share sees stays out 0, LSE -inf; without the
+    LSE the output is the same."""
+    args = random_inputs(
+        batch=1,
+        heads=2,
+        kv_heads=1,
+        q_len=45,
+        head_dim=16 if not CUDA else 64,
+        page_size=16,
+        q_block=32,
+        num_pages=5,
+        dtype=torch.float32,
+        paged=paged,
+        seed=seed,
+        device=DEVICE,
+    )
+    p = sample_problem(args)
+    whole = LaunchConfig(block_m=16, num_warps=4, num_stages=2, tma=tma)
+    split = LaunchConfig(block_m=16, num_warps=4, num_stages=2, tma=tma, kv_splits=splits)
+    out, lse = pbsa_triton(p, config=whole, interpret=not CUDA)
+    poisoned = torch.full_like(args["q"], float("nan"))
+    split_out, split_lse = pbsa_triton(p, config=split, interpret=not CUDA, out=poisoned)
+    torch.testing.assert_close(split_out, out, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(split_lse), torch.isinf(lse))
+    live = ~torch.isinf(lse)
+    torch.testing.assert_close(split_lse[live], lse[live], atol=1e-5, rtol=1e-6)
+    no_lse_out, no_lse = pbsa_triton(p, config=split, interpret=not CUDA, return_lse=False)
+    assert no_lse is None
+    torch.testing.assert_close(no_lse_out, out, atol=1e-5, rtol=1e-5)

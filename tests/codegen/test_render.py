@@ -14,14 +14,23 @@ from codegen.spec import KernelSpec
         KernelSpec(),
         KernelSpec(tma=True, scheduled=True, dtype="float32"),
         KernelSpec(paged=False, layout="BHLD", return_lse=False, block_m=64, head_dim=64),
+        KernelSpec(tma=True, kv_splits=3),
     ],
     ids=lambda s: s.name,
 )
-def test_source_is_a_module_with_one_jit_kernel(spec):
+def test_source_is_a_module_of_the_kernel_and_its_merge(spec):
+    from codegen.render import KERNELS, kernel_name
+
     tree = ast.parse(render(spec))
     kernels = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
-    assert [k.name for k in kernels] == [spec.name]
-    assert "triton.jit" in ast.unparse(kernels[0].decorator_list[0])
+    assert [k.name for k in kernels] == [kernel_name(spec, k) for k in KERNELS["fwd"]]
+    assert kernels[0].name == spec.name
+    for kernel, fn in zip(KERNELS["fwd"], kernels, strict=True):
+        assert "triton.jit" in ast.unparse(fn.decorator_list[0])
+        assert [a.arg for a in fn.args.args] == [a.name for a in kernel_args(spec, kernel)] + [
+            "UPCAST"
+        ]
+    assert f"KV_SPLITS = tl.constexpr({spec.kv_splits})" in render(spec)
 
 
 def test_different_specs_render_different_sources():

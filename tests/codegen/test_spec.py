@@ -23,6 +23,9 @@ from codegen.spec import KernelSpec
         (dict(layout="BSHD"), "layout"),
         (dict(paged=1), "paged"),
         (dict(warp_specialize=True), "warp_specialize"),
+        (dict(kv_splits=0), "kv_splits"),
+        (dict(kv_splits=9), "kv_splits"),
+        (dict(kv_splits=True), "kv_splits"),
     ],
 )
 def test_invalid_specs_name_the_field(change, field):
@@ -54,6 +57,7 @@ def test_every_field_changes_name_and_digest():
         dict(tma=True, scheduled=True),
         dict(scheduled=True),
         dict(tma=True, warp_specialize=True),
+        dict(kv_splits=2),
     ]
     names = {base.name} | {dataclasses.replace(base, **v).name for v in variants}
     digests = {base.digest()} | {dataclasses.replace(base, **v).digest() for v in variants}

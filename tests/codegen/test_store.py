@@ -75,6 +75,7 @@ BAD_RECORDS = {
     "num_stages=0": {**GOOD, "num_stages": 0},
     "float block_n": {**GOOD, "block_n": 16.0},
     "string tma": {**GOOD, "tma": "yes"},
+    "kv_splits=0": {**GOOD, "kv_splits": 0},
     "not an object": [32, 4, 3],
 }
 
@@ -93,6 +94,16 @@ def test_a_bad_record_is_skipped_with_one_warning_and_the_rest_kept(fresh_store,
     assert len(caught) == 1, [str(w.message) for w in caught]
     message = str(caught[0].message)
     assert str(fresh_store) in message and bad_key in message
+
+
+def test_a_record_older_than_a_field_means_its_default(fresh_store):
+    # records written before kv_splits existed lack it: they are the unsplit walk, no warning
+    p = problem(100)
+    old = {k: v for k, v in GOOD.items() if k != "kv_splits"}
+    fresh_store.write_text(json.dumps({store.tuning_key(p): old}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.lookup(p) == WINNER and WINNER.kv_splits == 1
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
@@ -136,6 +147,8 @@ def test_an_unwritable_store_keeps_the_winner_in_memory(tmp_path, monkeypatch):
         (dict(num_stages=0), "num_stages"),
         (dict(tma=1), "tma"),
         (dict(scheduled=None), "scheduled"),
+        (dict(kv_splits=0), "kv_splits"),
+        (dict(kv_splits=2.0), "kv_splits"),
     ],
 )
 def test_invalid_launch_configs_name_the_field(change, field):
