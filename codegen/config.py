@@ -101,8 +101,7 @@ def spec_for(p: Problem, config: LaunchConfig, return_lse: bool) -> KernelSpec:
 
 def backward_spec_for(p: Problem, config: LaunchConfig) -> KernelSpec:
     """The spec of the backward kernels run with `config`: the call's structure, the
-    config's tile (block_m query rows, block_n keys), pointer loads in launch order."""
-    plain = dataclasses.replace(
-        config, tma=False, scheduled=False, warp_specialize=False, kv_splits=1
-    )
+    config's tile (block_m query rows, block_n keys) and dQ shares, pointer loads in launch
+    order."""
+    plain = dataclasses.replace(config, tma=False, scheduled=False, warp_specialize=False)
     return spec_for(p, plain, return_lse=True)

@@ -97,6 +97,11 @@ def pbsa_backward_triton(
     if not interpret and not p.q.is_cuda:
         raise ValueError("backend='triton' needs CUDA tensors; use 'torch' or 'interpret'")
     dq_config, dkdv_config = configs or default_backward_configs(p, interpret)
+    if dkdv_config.kv_splits != 1:
+        raise ValueError(
+            f"configs[1]: the dK/dV kernel owns its key tile and takes no kv_splits, "
+            f"got {dkdv_config.kv_splits}"
+        )
     dq_spec = backward_spec_for(p, dq_config)
     dkdv_spec = backward_spec_for(p, dkdv_config)
 
@@ -141,7 +146,7 @@ def pbsa_backward_triton(
         **kv,
     )
 
-    def run(spec, config, kernel: str, grid: tuple[int, int], values: dict) -> None:
+    def run(spec, config, kernel: str, grid: tuple[int, ...], values: dict) -> None:
         fn = memo_kernel(spec, interpret, kernel)
         picked = {a.name: values[a.name] for a in kernel_args(spec, kernel)}
         fn[grid](*call_args(spec, picked, kernel), UPCAST=interpret, **options(config))
@@ -154,7 +159,20 @@ def pbsa_backward_triton(
         Indices=p.kv_indices.contiguous(),
         max_blocks=p.max_blocks,
     )
-    run(dq_spec, dq_config, "bwd_dq", (rows, p.batch * p.heads), values)
+    splits = dq_spec.kv_splits
+    if splits == 1:
+        run(dq_spec, dq_config, "bwd_dq", (rows, p.batch * p.heads), values)
+    else:
+        # Shares write float32 partials as batch row b·splits + s (q's layout); their sum
+        # over s, in a fixed order, is dQ.
+        part = torch.empty(
+            (p.batch * splits, *p.q.shape[1:]), dtype=torch.float32, device=dq.device
+        )
+        shares = dict(values, DQ=part)
+        dq_strides = bhl_strides(p, part)
+        shares.update(zip(("stride_dqb", "stride_dqh", "stride_dql"), dq_strides, strict=True))
+        run(dq_spec, dq_config, "bwd_dq", (rows, p.batch * p.heads, splits), shares)
+        dq.copy_(part.unflatten(0, (p.batch, splits)).sum(1))
     table = transposed(p)
     values.update(DK=dk, DV=dv, Offsets=table.offsets, Entries=table.entries)
     tiles = p.num_pages * (p.page_size // dkdv_spec.block_n)

@@ -204,7 +204,8 @@ def autotune_backward(
     (`pbsa_attention`'s arguments, less backend and return_lse; a representative table).
 
     Each kernel is tuned with the other at its current default, timing the whole backward
-    (seeded random output gradient); the winners are persisted per kernel. Returns the
+    (seeded random output gradient), and dQ's winner then against itself in
+    KV_SPLITS_TRIED shares; the winners are persisted per kernel. Returns the
     persisted winners unless `force`; on CPU the interpreter's fixed configs, untimed.
     """
     p = validate(*args, **kwargs)
@@ -226,5 +227,8 @@ def autotune_backward(
 
         candidates = backward_candidates(p, kernel, limit)
         best, ms = _fastest(candidates, run, f"autotune pbsa {kernel}", progress)
+        if kernel == "bwd_dq":  # dQ tiles are as many as the forward's: try shares of them
+            split = [dataclasses.replace(best, kv_splits=s) for s in KV_SPLITS_TRIED]
+            best, ms = _fastest([best, *split], run, "autotune pbsa bwd_dq kv splits", progress)
         save(keys[kernel], best, ms)
     return default_backward_configs(p, interpret=False)

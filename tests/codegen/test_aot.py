@@ -25,6 +25,8 @@ JOBS = [
     (KernelSpec(block_m=128, tma=True, kv_splits=2), "fwd",
      LaunchConfig(128, 8, 3, tma=True, kv_splits=2)),
     (KernelSpec(block_m=128, kv_splits=2), "fwd_merge", LaunchConfig(128, 4, 1, kv_splits=2)),
+    (KernelSpec(block_m=128, block_n=64, kv_splits=2), "bwd_dq",
+     LaunchConfig(128, 8, 3, block_n=64, kv_splits=2)),
 ]  # fmt: skip
 
 

@@ -1,6 +1,8 @@
 """pbsa_backward: dQ, dK, dV of the generated kernels and of the torch backend against the
 float64 oracle's gradients, with poisoned outputs and poisoned pages that are never listed."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -254,6 +256,8 @@ def test_gpu_every_tuning_candidate_is_correct(data, paged, seed):
     p = sample_problem(args)
     limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
     dq = data.draw(st.sampled_from(backward_candidates(p, "bwd_dq", limit)))
+    # the tuner also tries the dQ winner in shares
+    dq = dataclasses.replace(dq, kv_splits=data.draw(st.sampled_from([1, 2, 3])))
     dkdv = data.draw(st.sampled_from(backward_candidates(p, "bwd_dkdv", limit)))
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     grad_out = torch.randn(args["q"].shape, generator=g, device=DEVICE).to(torch.bfloat16)
@@ -290,3 +294,33 @@ def test_gpu_gradients_are_bitwise_deterministic():
         again = pbsa_backward(p, out, lse, grad_out, backend="triton")
         for a, b in zip(first, again, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_dq_in_shares_matches_the_oracle(splits):
+    """dQ from a split walk (float32 partials summed in a fixed order); rows whose lists are
+    shorter than the shares leave some shares empty. dK/dV takes no shares."""
+    dq_tile = LaunchConfig(block_m=16, num_warps=4, num_stages=1, block_n=16, kv_splits=splits)
+    dkdv_tile = LaunchConfig(block_m=16, num_warps=4, num_stages=1, block_n=16)
+    args = random_inputs(
+        batch=2,
+        heads=2,
+        kv_heads=1,
+        q_len=45,
+        head_dim=16,
+        page_size=32,
+        q_block=32,
+        num_pages=3,
+        paged=True,
+        dtype=torch.float16,
+        q_scale=5.0,
+        seed=11,
+        device=DEVICE,
+    )
+    check(args, "triton" if CUDA else "interpret", torch.float16, 11, configs=(dq_tile, dkdv_tile))
+    p = sample_problem(args)
+    out, lse = pbsa_reference(**args)
+    with pytest.raises(ValueError, match=r"configs\[1\].*kv_splits"):
+        pbsa_backward_triton(
+            p, out.half(), lse.float(), out.half(), interpret=not CUDA, configs=(dkdv_tile, dq_tile)
+        )
