@@ -153,12 +153,15 @@ def test_torch_backend_matches_the_oracle(shape, paged, layout, dtype, q_scale, 
     check(args, "torch", dtype, seed)
 
 
-@pytest.mark.parametrize("paged", [True, False])
-def test_tiles_smaller_than_pages_and_query_blocks(paged):
-    """Several key tiles per page and query tiles per table row (SUB, Q_SUB > 1)."""
+@pytest.mark.parametrize("paged, splits", [(True, 1), (False, 1), (True, 2), (False, 3)])
+def test_tiles_smaller_than_pages_and_query_blocks(paged, splits):
+    """Several key tiles per page and query tiles per table row (SUB, Q_SUB > 1); dQ also in
+    shares (float32 partials summed in a fixed order; rows with fewer steps than shares leave
+    some empty)."""
     tile = LaunchConfig(block_m=16, num_warps=4, num_stages=1, block_n=16)
+    dq_tile = dataclasses.replace(tile, kv_splits=splits)
     args = random_inputs(
-        batch=1,
+        batch=2 if splits > 1 else 1,
         heads=2,
         kv_heads=1,
         q_len=45,
@@ -172,7 +175,24 @@ def test_tiles_smaller_than_pages_and_query_blocks(paged):
         seed=7,
         device=DEVICE,
     )
-    check(args, "triton" if CUDA else "interpret", torch.float16, 7, configs=(tile, tile))
+    check(args, "triton" if CUDA else "interpret", torch.float16, 7, configs=(dq_tile, tile))
+
+
+def test_dkdv_takes_no_shares():
+    args = small_inputs(seed=1, device=DEVICE)
+    p = sample_problem(args)
+    out, lse = pbsa_reference(**args)
+    dq = LaunchConfig(block_m=16, num_warps=4, num_stages=1, block_n=16)
+    split = dataclasses.replace(dq, kv_splits=2)
+    with pytest.raises(ValueError, match=r"configs\[1\].*kv_splits"):
+        pbsa_backward_triton(
+            p,
+            out.to(args["q"].dtype),
+            lse.float(),
+            args["q"],
+            interpret=not CUDA,
+            configs=(dq, split),
+        )
 
 
 def test_full_pages_without_page_lens():
@@ -294,33 +314,3 @@ def test_gpu_gradients_are_bitwise_deterministic():
         again = pbsa_backward(p, out, lse, grad_out, backend="triton")
         for a, b in zip(first, again, strict=True):
             assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("splits", [2, 3])
-def test_dq_in_shares_matches_the_oracle(splits):
-    """dQ from a split walk (float32 partials summed in a fixed order); rows whose lists are
-    shorter than the shares leave some shares empty. dK/dV takes no shares."""
-    dq_tile = LaunchConfig(block_m=16, num_warps=4, num_stages=1, block_n=16, kv_splits=splits)
-    dkdv_tile = LaunchConfig(block_m=16, num_warps=4, num_stages=1, block_n=16)
-    args = random_inputs(
-        batch=2,
-        heads=2,
-        kv_heads=1,
-        q_len=45,
-        head_dim=16,
-        page_size=32,
-        q_block=32,
-        num_pages=3,
-        paged=True,
-        dtype=torch.float16,
-        q_scale=5.0,
-        seed=11,
-        device=DEVICE,
-    )
-    check(args, "triton" if CUDA else "interpret", torch.float16, 11, configs=(dq_tile, dkdv_tile))
-    p = sample_problem(args)
-    out, lse = pbsa_reference(**args)
-    with pytest.raises(ValueError, match=r"configs\[1\].*kv_splits"):
-        pbsa_backward_triton(
-            p, out.half(), lse.float(), out.half(), interpret=not CUDA, configs=(dkdv_tile, dq_tile)
-        )
