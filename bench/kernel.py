@@ -139,15 +139,12 @@ def _check_fa4(out: Tensor, reference: Tensor) -> float:
 
 
 def fa4_runner(q: Tensor, k: Tensor, v: Tensor) -> Callable[..., Tensor]:
-    """FA4's forward on BLHD tensors (its native layout), with or without block sparsity.
-    Raises ImportError where flash-attn-4 is not installed."""
-    from flash_attn.cute import flash_attn_func
+    """FA4's forward on these BLHD tensors (its native layout), with or without block
+    sparsity. Raises ImportError where flash-attn-4 is not installed."""
+    from runtime.compiled_dense import fa4_forward
 
-    def run(sparse: object | None = None) -> Tensor:
-        out = flash_attn_func(q, k, v, block_sparse_tensors=sparse)
-        return out[0] if isinstance(out, tuple) else out
-
-    return run
+    forward = fa4_forward()
+    return lambda sparse=None: forward(q, k, v, block_sparse_tensors=sparse)
 
 
 def sdpa_backends() -> dict[str, object]:

@@ -97,6 +97,12 @@ def bhl_strides(p: Problem, t: Tensor) -> tuple[int, int, int]:
     return (sb, s2, s1) if p.layout == "BLHD" else (sb, s1, s2)
 
 
+def split_partials(p: Problem, splits: int) -> Tensor:
+    """float32 partials of a split walk: q's layout with batch row b·splits + s for share s
+    (the forward's out, the backward's dQ)."""
+    return torch.empty((p.batch * splits, *p.q.shape[1:]), dtype=torch.float32, device=p.q.device)
+
+
 def _kv_tma_args(p: Problem, spec: KernelSpec) -> dict[str, object]:
     """2-D descriptors over K and V, and (kv_row_b, kv_row_h, kv_col_h): page p of kv head g
     of batch b starts at row b·kv_row_b + g·kv_row_h + p·page, column g·kv_col_h."""
@@ -186,9 +192,10 @@ def pbsa_triton(
         return out, (lse if return_lse else None)
     # Split walk: each share writes float32 partials as batch row b·splits + s (q's layout),
     # then one merge pass writes out (and the LSE).
-    f32 = dict(dtype=torch.float32, device=p.q.device)
-    part = torch.empty((p.batch * splits, *p.q.shape[1:]), **f32)
-    part_lse = torch.empty(p.batch * splits, p.heads, p.q_len, **f32)
+    part = split_partials(p, splits)
+    part_lse = torch.empty(
+        p.batch * splits, p.heads, p.q_len, dtype=torch.float32, device=part.device
+    )
     values.update(Out=part, Lse=part_lse)
     values.update(zip(("stride_ob", "stride_oh", "stride_ol"), bhl_strides(p, part), strict=True))
     kernel[(*grid, splits)](*call_args(spec, values), UPCAST=interpret, **launch)

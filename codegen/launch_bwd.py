@@ -14,7 +14,7 @@ import triton
 from torch import Tensor
 
 from codegen.config import LaunchConfig, backward_spec_for
-from codegen.launch import aligned, bhl_strides, memo_kernel, page_strides
+from codegen.launch import aligned, bhl_strides, memo_kernel, page_strides, split_partials
 from codegen.problem import Problem
 from codegen.render import call_args, kernel_args
 from codegen.store import lookup
@@ -165,9 +165,7 @@ def pbsa_backward_triton(
     else:
         # Shares write float32 partials as batch row b·splits + s (q's layout); their sum
         # over s, in a fixed order, is dQ.
-        part = torch.empty(
-            (p.batch * splits, *p.q.shape[1:]), dtype=torch.float32, device=dq.device
-        )
+        part = split_partials(p, splits)
         shares = dict(values, DQ=part)
         dq_strides = bhl_strides(p, part)
         shares.update(zip(("stride_dqb", "stride_dqh", "stride_dql"), dq_strides, strict=True))

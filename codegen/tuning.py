@@ -128,10 +128,14 @@ def _tune(
 
     best, ms = _fastest(candidates, run, "autotune pbsa", progress)
     if try_splits and best.kv_splits == 1:
-        split = [dataclasses.replace(best, kv_splits=s) for s in KV_SPLITS_TRIED]
-        best, ms = _fastest([best, *split], run, "autotune pbsa kv splits", progress)
+        best, ms = _fastest(_with_splits(best), run, "autotune pbsa kv splits", progress)
     save(tuning_key(p), best, ms)
     return best
+
+
+def _with_splits(best: LaunchConfig) -> list[LaunchConfig]:
+    """The winning tile whole and in each of KV_SPLITS_TRIED shares (a second round)."""
+    return [best, *(dataclasses.replace(best, kv_splits=s) for s in KV_SPLITS_TRIED)]
 
 
 def _fastest(
@@ -231,7 +235,8 @@ def autotune_backward(
         candidates = backward_candidates(p, kernel, limit)
         best, ms = _fastest(candidates, run, f"autotune pbsa {kernel}", progress)
         if kernel == "bwd_dq":  # dQ tiles are as many as the forward's: try shares of them
-            split = [dataclasses.replace(best, kv_splits=s) for s in KV_SPLITS_TRIED]
-            best, ms = _fastest([best, *split], run, "autotune pbsa bwd_dq kv splits", progress)
+            best, ms = _fastest(
+                _with_splits(best), run, f"autotune pbsa {kernel} kv splits", progress
+            )
         save(keys[kernel], best, ms)
     return default_backward_configs(p, interpret=False)

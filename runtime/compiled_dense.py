@@ -30,14 +30,15 @@ from runtime.graphs import PassGraphs
 from runtime.model import CausalWanModel
 from runtime.ring_cache import RingFrameCache
 
-__all__ = ["SDPA_BACKENDS", "CompiledDenseRunner"]
+__all__ = ["SDPA_BACKENDS", "CompiledDenseRunner", "fa4_forward"]
 
 SDPA_BACKENDS = ("cudnn", "flash", "efficient", "auto", "fa4")
 
 
-def _fa4_forward():
-    """flash-attn-4's dense forward on BLHD tensors (GQA native): a clear error where the
-    optional package is missing."""
+def fa4_forward():
+    """flash-attn-4's forward `f(q, k, v, **options) -> out` on BLHD tensors (GQA native;
+    options go to `flash_attn.cute.flash_attn_func`, e.g. block_sparse_tensors): a clear
+    ImportError where the optional package is missing."""
     try:
         from flash_attn.cute import flash_attn_func
     except ImportError as error:
@@ -47,9 +48,9 @@ def _fa4_forward():
             f"{error}"
         ) from error
 
-    def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = flash_attn_func(q, k, v)
-        return out[0] if isinstance(out, tuple) else out
+    def forward(q: Tensor, k: Tensor, v: Tensor, **options) -> Tensor:
+        out = flash_attn_func(q, k, v, **options)
+        return out[0] if isinstance(out, tuple) else out  # (out, lse) in some versions
 
     return forward
 
@@ -79,7 +80,7 @@ class _RingAttention(nn.Module):
     def __init__(self, cache: RingFrameCache, layer: int, attend: nn.Module, backend: str):
         super().__init__()
         self.cache, self.layer, self.attend = cache, layer, attend
-        self._fa4 = _fa4_forward() if backend == "fa4" else None
+        self._fa4 = fa4_forward() if backend == "fa4" else None
         self._backends = None if backend == "fa4" else _sdpa_backends(backend)
 
     @torch.compiler.disable
@@ -141,7 +142,7 @@ class CompiledDenseRunner(DenseRunnerBase):
         if sdpa_backend not in SDPA_BACKENDS:
             raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}, got {sdpa_backend!r}")
         if sdpa_backend == "fa4":
-            _fa4_forward()  # a missing package fails here, before anything is built
+            fa4_forward()  # a missing package fails here, before anything is built
         policy = CachePolicy(SELF_FORCING_WINDOW_FRAMES) if policy is None else policy
         self.cache = RingFrameCache(policy)
         self.sdpa_backend = sdpa_backend

@@ -137,3 +137,19 @@ def test_graphed_runner_equals_eager_dense_on_cuda(backend):
     for _ in range(2):
         assert _rel(_roll(runner, model, context, 6).float(), ref.float()) < 2e-2
     assert runner.graphs.replays > 0 and len(runner.graphs) == 3  # 3, 6, then 9 frames
+
+
+@pytest.mark.gpu
+def test_graphed_fa4_runner_equals_eager_dense_on_cuda():
+    """FA4 replaces the model's attention spelling: the same video as eager dense's, within
+    bf16 rounding, graphed (head_dim 64, a size FA4 supports)."""
+    pytest.importorskip("flash_attn.cute", reason="flash-attn-4 is not installed")
+    cfg = WanConfig.preset("tiny", dim=128, num_heads=2, num_kv_heads=1)
+    model = CausalWanModel(cfg).cuda().bfloat16().eval()
+    context = torch.randn(1, cfg.text_len, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    policy = CachePolicy(9)
+    ref = _roll(EagerRunner(model, FrameCache(policy)), model, context, 6)
+    runner = CompiledDenseRunner(model, policy, sdpa_backend="fa4")
+    for _ in range(2):
+        assert _rel(_roll(runner, model, context, 6).float(), ref.float()) < 2e-2
+    assert runner.graphs.replays > 0
