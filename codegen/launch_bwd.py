@@ -3,10 +3,14 @@
 Three launches per call: delta = rowsum(dO·O) per query row, dQ (one program per query tile,
 walking its table row) and dK/dV (one program per key tile of a page, walking the pairs of
 the transposed table). dQ and dK/dV are tuned separately (`codegen.tuning.autotune_backward`).
+On CUDA, dQ runs on a side stream beside dK/dV: neither reads what the other writes, and
+each one's last wave leaves SMs idle that the other's programs can fill (flex gets the same
+overlap from one launch of both).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -44,6 +48,18 @@ def transposed(p: Problem) -> TransposedTable:
             _tables.clear()
         _tables[key] = (nb, idx, table)
     return table
+
+
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per CUDA device for the dQ launch (reused: a stream per call would
+    grow a capture's graph and the driver's stream count)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
 
 
 def default_backward_configs(p: Problem, interpret: bool) -> tuple[LaunchConfig, LaunchConfig]:
@@ -160,20 +176,29 @@ def pbsa_backward_triton(
         max_blocks=p.max_blocks,
     )
     splits = dq_spec.kv_splits
-    if splits == 1:
-        run(dq_spec, dq_config, "bwd_dq", (rows, p.batch * p.heads), values)
-    else:
-        # Shares write float32 partials as batch row b·splits + s (q's layout); their sum
-        # over s, in a fixed order, is dQ.
-        part = split_partials(p, splits)
-        shares = dict(values, DQ=part)
-        dq_strides = bhl_strides(p, part)
-        shares.update(zip(("stride_dqb", "stride_dqh", "stride_dql"), dq_strides, strict=True))
-        run(dq_spec, dq_config, "bwd_dq", (rows, p.batch * p.heads, splits), shares)
-        dq.copy_(part.unflatten(0, (p.batch, splits)).sum(1))
+    # Shares write float32 partials as batch row b·splits + s (q's layout); their sum over
+    # s, in a fixed order, is dQ. Allocated here, on the caller's stream, which frees it only
+    # after waiting for the side stream.
+    part = split_partials(p, splits) if splits > 1 else None
+    side = None
+    if not interpret:
+        main = torch.cuda.current_stream(p.q.device)
+        side = _side_stream(p.q.device)
+        side.wait_stream(main)  # delta, and whatever produced q/k/v/dO
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        if part is None:
+            run(dq_spec, dq_config, "bwd_dq", (rows, p.batch * p.heads), values)
+        else:
+            shares = dict(values, DQ=part)
+            dq_strides = bhl_strides(p, part)
+            shares.update(zip(("stride_dqb", "stride_dqh", "stride_dql"), dq_strides, strict=True))
+            run(dq_spec, dq_config, "bwd_dq", (rows, p.batch * p.heads, splits), shares)
+            dq.copy_(part.unflatten(0, (p.batch, splits)).sum(1))
     table = transposed(p)
     values.update(DK=dk, DV=dv, Offsets=table.offsets, Entries=table.entries)
     tiles = p.num_pages * (p.page_size // dkdv_spec.block_n)
     if tiles:
         run(dkdv_spec, dkdv_config, "bwd_dkdv", (tiles, p.batch * p.kv_heads), values)
+    if side is not None:
+        main.wait_stream(side)
     return dq, dk, dv

@@ -96,13 +96,10 @@ def autotune(
 def ensure_tuned(p: Problem, return_lse: bool) -> None:
     """Tune the forward for `p`'s bucket unless a winner is stored (`pbsa_attention(...,
     autotune=True)`, what the runtime calls): on CUDA and outside CUDA-graph capture only
-    (a capture cannot time anything; it runs the stored winner, or the default config).
-
-    Split walks are left out here until their kernels have run on a GPU
-    (tests/codegen/test_launch.py on Hopper): a call of `autotune` tries them."""
+    (a capture cannot time anything; it runs the stored winner, or the default config)."""
     if not p.q.is_cuda or torch.cuda.is_current_stream_capturing() or lookup(p) is not None:
         return
-    _tune(p, return_lse, candidate_configs(p), progress=False, try_splits=False)
+    _tune(p, return_lse, candidate_configs(p), progress=False)
 
 
 # Shares per query tile tried for the winning tile (`LaunchConfig.kv_splits`): the 1.3B
