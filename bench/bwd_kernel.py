@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             lambda p=p, out=out, lse=lse: pbsa_backward(p, out, lse, grad_out, backend="triton")
         )
         tf = tflops(case, computed_tokens(case, nb), ms)
+        dq_config, dkdv_config = default_backward_configs(p, interpret=False)
         records.append(
             dict(
                 impl="pbsa",
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 speedup_vs_sdpa=sdpa_ms / ms,
                 per_block_vs_sdpa=tf / sdpa_tf,
                 **{f"{k}_ms": v for k, v in split.items()},
+                dq_config=str(dq_config),
+                dkdv_config=str(dkdv_config),
             )
         )
     payload = dict(device=device_record(), case=case.name, records=records, sweep=swept)
