@@ -68,12 +68,21 @@ def clip_key_reps(k: Tensor, geometry: VideoGeometry) -> Tensor:
     return reps.reshape(b, hkv, frames * geometry.pages_per_frame, d).float()
 
 
+def _to_device(values: Tensor, device) -> Tensor:
+    """A small host-built index tensor on ``device``, copied without the stream
+    synchronisation that PyTorch adds to a blocking host-to-device copy (six per chunk and
+    layer would make the host wait for the device that often in a training step). From
+    pageable memory the driver stages the bytes before the call returns, so the temporary
+    may go at once."""
+    return values.to(device, non_blocking=True)
+
+
 def _frame_pages(frames: list[int], first_page: int, ppf: int, rows: tuple, device) -> Tensor:
     """int64 ``[B, Hkv, len(frames), ppf]``: the clip pages of ``frames`` (offset by
     ``first_page``), the same in every (batch, kv head) row."""
     f = torch.tensor(frames, dtype=torch.int64).view(-1, 1)
     ids = first_page + f * ppf + torch.arange(ppf, dtype=torch.int64)
-    return ids.to(device).expand(*rows, len(frames), ppf)
+    return _to_device(ids, device).expand(*rows, len(frames), ppf)
 
 
 def _check_inputs(q: Tensor, k: Tensor, geometry: VideoGeometry, clip_frames: int) -> None:
@@ -148,7 +157,7 @@ def clip_table(
                 num_heads=q.shape[2],
                 chunk_start=start,
                 history_frames=tuple(history),
-                frame_index=torch.tensor(history, dtype=torch.int64, device=device),
+                frame_index=_to_device(torch.tensor(history, dtype=torch.int64), device),
                 frame_pages=hist_pages,
                 chunk_pages=_frame_pages(chunk, first_page, ppf, rows, device),
                 persistent_pages=persistent[..., :num_persistent],

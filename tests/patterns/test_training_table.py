@@ -169,3 +169,19 @@ def test_cuda_clip_table_equals_the_cpu_one(name):
     cuda = clip_table(pattern, GEOMETRY, CLIP, q.cuda(), k.cuda(), scorer.cuda())
     pages = 2 * CLIP * GEOMETRY.pages_per_frame
     assert torch.equal(cuda.visible_pages(pages).cpu(), cpu.visible_pages(pages))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["persistent_local", "topk"])
+def test_clip_table_never_waits_for_the_device(name):
+    """No host-device synchronisation while a layer's clip table is built on CUDA (a
+    training step builds one per layer; each wait would serialise its launches)."""
+    q, k, _, scorer = (t.cuda() for t in _inputs(3))
+    clip_table(PATTERNS[name], GEOMETRY, CLIP, q, k, scorer)  # warm-up: kernels compiled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        table = clip_table(PATTERNS[name], GEOMETRY, CLIP, q, k, scorer)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert table.kv_num_blocks.is_cuda
