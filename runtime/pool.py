@@ -13,6 +13,7 @@ from torch import Tensor
 
 from patterns import VideoGeometry, pool_key_blocks
 from patterns.checks import check_int
+from runtime.scratch_write import write_scratch_pages, write_scratch_supported
 
 __all__ = ["PagePool"]
 
@@ -30,6 +31,9 @@ class PagePool:
 
     check: verify page ids on ``free`` (double free, scratch, duplicates). It reads device
     memory, i.e. syncs; the runtime enables it in debug mode.
+    fused_writes: `write_scratch` by one Triton kernel (`runtime.scratch_write`) where it
+    applies, instead of the torch copies. Off by default until it has passed
+    `tests/runtime/test_scratch_write.py` on a GPU.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class PagePool:
         device: torch.device | str,
         dtype: torch.dtype,
         check: bool = True,
+        fused_writes: bool = False,
     ):
         for name, value in (
             ("batch_size", batch_size),
@@ -65,6 +70,7 @@ class PagePool:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
         self.geometry = geometry
         self.check = check
+        self.fused_writes = fused_writes
         device = torch.device(device)
         shape = (batch_size, num_kv_heads, num_pages)
         page = geometry.page_size
@@ -264,6 +270,10 @@ class PagePool:
         g = self.geometry
         frames = self.scratch_pages // g.pages_per_frame
         self._check_frames(k, v, frames)
+        if self.fused_writes and write_scratch_supported(k, v, self.k, self.v, self.key_reps):
+            reps_out = self.key_reps if reps else None
+            write_scratch_pages(k, v, self.k, self.v, reps_out, g, frames)
+            return
         b, hkv, d, t = self.batch_size, self.num_kv_heads, self.head_dim, g.tokens_per_frame
         for dst, x in zip(self._scratch_kv, (k, v), strict=True):
             dst.copy_(x.view(b, frames, t, hkv, d).permute(0, 3, 1, 2, 4))
