@@ -289,26 +289,31 @@ def test_gpu_every_tuning_candidate_is_correct(data, paged, seed):
         torch.testing.assert_close(x.double(), r, atol=TOL[torch.bfloat16] * scale, rtol=4e-2)
 
 
-@pytest.mark.gpu
-def test_gpu_gradients_are_bitwise_deterministic():
+def gpu_forward(heads: int, q_len: int, num_pages: int, seed: int):
+    """A bf16 GQA problem on the GPU with its forward: (problem, out, lse, grad_out)."""
+    from codegen.launch import pbsa_triton
+
     args = random_inputs(
         batch=1,
-        heads=8,
+        heads=heads,
         kv_heads=2,
-        q_len=1000,
+        q_len=q_len,
         head_dim=128,
         page_size=128,
         q_block=128,
-        num_pages=12,
+        num_pages=num_pages,
         dtype=torch.bfloat16,
-        seed=3,
+        seed=seed,
         device=DEVICE,
     )
     p = sample_problem(args)
-    from codegen.launch import pbsa_triton
-
     out, lse = pbsa_triton(p)
-    grad_out = torch.randn_like(out)
+    return p, out, lse, torch.randn_like(out)
+
+
+@pytest.mark.gpu
+def test_gpu_gradients_are_bitwise_deterministic():
+    p, out, lse, grad_out = gpu_forward(heads=8, q_len=1000, num_pages=12, seed=3)
     first = pbsa_backward(p, out, lse, grad_out, backend="triton")
     for _ in range(3):
         again = pbsa_backward(p, out, lse, grad_out, backend="triton")
@@ -320,24 +325,7 @@ def test_gpu_gradients_are_bitwise_deterministic():
 def test_gpu_backward_on_a_side_stream_and_in_a_graph_equals_the_plain_call():
     """dQ runs on a side stream: a caller on its own stream, and a CUDA-graph capture (which
     must take in the side stream's work), get the same gradients as a plain call."""
-    args = random_inputs(
-        batch=1,
-        heads=4,
-        kv_heads=2,
-        q_len=600,
-        head_dim=128,
-        page_size=128,
-        q_block=128,
-        num_pages=8,
-        dtype=torch.bfloat16,
-        seed=5,
-        device=DEVICE,
-    )
-    p = sample_problem(args)
-    from codegen.launch import pbsa_triton
-
-    out, lse = pbsa_triton(p)
-    grad_out = torch.randn_like(out)
+    p, out, lse, grad_out = gpu_forward(heads=4, q_len=600, num_pages=8, seed=5)
     want = pbsa_backward_triton(p, out, lse, grad_out)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
