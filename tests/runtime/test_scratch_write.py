@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patterns import VideoGeometry
+from patterns import PersistentLocal, VideoGeometry
+from runtime import scratch_write
 from runtime.pool import PagePool
 from runtime.scratch_write import write_scratch_supported
 
@@ -106,3 +107,43 @@ def test_gpu_fused_write_at_the_reference_models_shape(reps):
     for pool in (ref, got):
         pool.write_scratch(k, v, reps=reps)
     assert_same(ref, got, reps)
+
+
+def test_a_rollout_with_fused_writes_equals_the_torch_copies(tiny, monkeypatch):
+    """The whole runtime (scores from the fused key reps, persistent set, commits) over the
+    misaligned tiny model: the same video either way."""
+    from runtime import generate, reference_runner
+
+    model, context = tiny
+    assert model.config.head_dim >= 16
+    cfg = model.config
+    pattern = PersistentLocal(persistent_blocks=2, window_frames=4, local_topk=2)
+    videos, calls = [], []
+    kernel = scratch_write.write_scratch_pages
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(scratch_write, "write_scratch_pages", counted)
+    monkeypatch.setattr("runtime.pool.write_scratch_pages", counted)
+    init = PagePool.__init__
+    for fused in (False, True):
+        monkeypatch.setattr(
+            PagePool,
+            "__init__",
+            lambda self, *a, fused=fused, **kw: init(self, *a, **kw, fused_writes=fused),
+        )
+        runner = reference_runner(model, pattern, page_size=16, q_block=32, backend="torch")
+        videos.append(
+            generate(
+                runner,
+                context,
+                4,
+                latent_shape=(cfg.in_channels, cfg.latent_height, cfg.latent_width),
+                seed=3,
+                progress=False,
+            )  # fmt: skip
+        )
+    assert calls, "the fused path never ran"
+    torch.testing.assert_close(videos[1], videos[0], atol=1e-5, rtol=1e-5)
