@@ -20,7 +20,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.common import device_record, sync, time_ms, write_json
+from bench.common import device_record, device_time_us, sync, time_ms, write_json
 from bench.kernel import computed_tokens
 from codegen.backward import pbsa_backward
 from codegen.config import LaunchConfig
@@ -64,8 +64,7 @@ def kernel_ms(fn, reps: int = 10) -> dict[str, float]:
             continue
         for kernel in out:
             if e.key.endswith(kernel):
-                us = getattr(e, "device_time_total", None) or e.cuda_time_total
-                out[kernel] += us / 1e3 / reps
+                out[kernel] += device_time_us(e) / 1e3 / reps
     return out
 
 

@@ -41,6 +41,13 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> fl
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def device_time_us(event) -> float:
+    """GPU microseconds of a profiler average (`device_time_total`; the older
+    `cuda_time_total` on torch versions without it). 0 for an event that ran no kernel."""
+    total = getattr(event, "device_time_total", None)
+    return float(total if total is not None else event.cuda_time_total)
+
+
 def write_json(path: str | Path | None, payload: dict) -> None:
     if path is None:
         return

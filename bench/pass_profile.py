@@ -22,17 +22,19 @@ by GPU time, side by side.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import time
 
 import torch
 
-from bench.common import sync
+from bench.common import device_time_us, sync
 from patterns import Dense
 from runtime import CausalWanModel, EagerRunner, WanConfig, reference_runner
 from runtime.compiled_dense import CompiledDenseRunner
 from runtime.eager import SELF_FORCING_WINDOW_FRAMES, self_forcing_cache
+from runtime.pool import PagePool
 from sparsify import sparsify
 from sparsify.defaults import default_geometry, default_pattern, example_chunk
 from sparsify.tables import format_table
@@ -200,17 +202,43 @@ def _kernel_kind(name: str) -> str:
     return "inductor" if lowered.startswith("triton_") else "other"
 
 
+SCRATCH_WRITE_RANGE = "runtime.PagePool.write_scratch"
+
+
+@contextlib.contextmanager
+def _named_scratch_writes():
+    """Every `PagePool.write_scratch` call inside a profiler range of its own, so that the
+    kernels it launches are counted as the scratch write, whatever their names."""
+    from torch.autograd.profiler import record_function
+
+    write = PagePool.write_scratch
+
+    def named(self, *args, **kwargs):
+        with record_function(SCRATCH_WRITE_RANGE):
+            return write(self, *args, **kwargs)
+
+    PagePool.write_scratch = named
+    try:
+        yield
+    finally:
+        PagePool.write_scratch = write
+
+
 def kernel_table(
     name: str, runner, config: WanConfig, context, chunks: int, top: int, graphed: bool = False
 ) -> list:
     """Rows (runner, kernel, ms, share, calls) of the top kernels of one denoising pass by
     GPU time, then one row per kernel class and the pass total. graphed: profile the pass
-    as its CUDA graph replays it (CUPTI records the kernels of a replay)."""
+    as its CUDA graph replays it (CUPTI records the kernels of a replay). Launched eagerly
+    (not graphed), the sparse runners also get a `[scratch write]` row: the GPU time of the
+    kernels that `PagePool.write_scratch` launched (also counted in their classes)."""
     from torch.profiler import ProfilerActivity, profile
 
     graphs = getattr(runner, "cuda_graphs", False) and not graphed
     if graphs:
         runner.cuda_graphs = False
+    # a replayed graph runs no Python: the range would be empty
+    activities = [ProfilerActivity.CUDA] + ([] if graphed else [ProfilerActivity.CPU])
     try:
         with torch.no_grad():
             roll(runner, config, context, chunks)
@@ -218,22 +246,22 @@ def kernel_table(
             start = chunks * config.frames_per_chunk
             runner(x, t, context, start, commit=False)  # warm at this length, eagerly
             sync()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            names = contextlib.nullcontext() if graphed else _named_scratch_writes()
+            with names, profile(activities=activities) as prof:
                 runner(x, t, context, start, commit=False)
                 sync()
     finally:
         if graphs:
             runner.cuda_graphs = True
-    device_time = lambda e: getattr(e, "device_time_total", None) or e.cuda_time_total
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    total = sum(device_time(e) for e in kernels) or 1.0
-    kernels.sort(key=device_time, reverse=True)
+    total = sum(device_time_us(e) for e in kernels) or 1.0
+    kernels.sort(key=device_time_us, reverse=True)
     rows = [
         dict(
             runner=name,
             kernel=e.key[:60],
-            ms=device_time(e) / 1e3,
-            share=device_time(e) / total,
+            ms=device_time_us(e) / 1e3,
+            share=device_time_us(e) / total,
             calls=e.count,
         )
         for e in kernels[:top]
@@ -241,12 +269,19 @@ def kernel_table(
     kinds: dict[str, list] = {}
     for e in kernels:
         entry = kinds.setdefault(_kernel_kind(e.key), [0.0, 0])
-        entry[0] += device_time(e)
+        entry[0] += device_time_us(e)
         entry[1] += e.count
     for kind, (us, calls) in sorted(kinds.items()):
         rows.append(
             dict(runner=name, kernel=f"[{kind}]", ms=us / 1e3, share=us / total, calls=calls)
         )
+    for e in prof.key_averages():
+        if e.key == SCRATCH_WRITE_RANGE:
+            us = device_time_us(e)
+            rows.append(
+                dict(runner=name, kernel="[scratch write]", ms=us / 1e3, share=us / total,
+                     calls=e.count)
+            )  # fmt: skip
     calls = sum(e.count for e in kernels)
     rows.append(dict(runner=name, kernel="[total]", ms=total / 1e3, share=1.0, calls=calls))
     return rows

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_record, sync, write_json
+from bench.common import device_record, device_time_us, sync, write_json
 from patterns import Dense
 from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forcing_cache
 from runtime.compiled_dense import SDPA_BACKENDS, CompiledDenseRunner
@@ -175,9 +175,8 @@ def attention_fraction(runner: ChunkRunner, config: WanConfig, context, horizon:
         if graphs:
             runner.cuda_graphs = True
     events = prof.key_averages()
-    device_time = lambda e: getattr(e, "device_time_total", None) or e.cuda_time_total
-    total = sum(device_time(e) for e in events if e.device_type.name == "CUDA")
-    attention = sum(device_time(e) for e in events if e.key == SELF_ATTENTION_RANGE)
+    total = sum(device_time_us(e) for e in events if e.device_type.name == "CUDA")
+    attention = sum(device_time_us(e) for e in events if e.key == SELF_ATTENTION_RANGE)
     return attention / total if total else None
 
 
