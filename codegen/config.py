@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from codegen.problem import Problem
-from codegen.spec import DTYPE_NAMES, KernelSpec, is_pow2
+from codegen.spec import DTYPE_NAMES, KernelSpec, check_kv_splits, is_pow2
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,7 @@ class LaunchConfig:
                 )
         if self.warp_specialize and not self.tma:
             raise ValueError("LaunchConfig.warp_specialize: needs tma=True")
-        splits = self.kv_splits
-        if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= 8:
-            raise ValueError(f"LaunchConfig.kv_splits: expected an int in 1..8, got {splits!r}")
+        check_kv_splits(self.kv_splits, "LaunchConfig")
 
 
 @functools.lru_cache(maxsize=16)

@@ -24,6 +24,15 @@ def is_pow2(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
 
 
+MAX_KV_SPLITS = 8
+
+
+def check_kv_splits(value: object, owner: str) -> None:
+    """ValueError unless ``value`` is an int in 1..MAX_KV_SPLITS (``owner`` names the field)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KV_SPLITS:
+        raise ValueError(f"{owner}.kv_splits: expected an int in 1..{MAX_KV_SPLITS}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """Structural parameters of one generated kernel.
@@ -98,9 +107,7 @@ class KernelSpec:
                 raise TypeError(f"KernelSpec.{name}: expected a bool")
         if self.warp_specialize and not self.tma:
             raise ValueError("KernelSpec.warp_specialize: needs tma=True (TMA loads)")
-        splits = self.kv_splits
-        if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= 8:
-            raise ValueError(f"KernelSpec.kv_splits: expected an int in 1..8, got {splits!r}")
+        check_kv_splits(self.kv_splits, "KernelSpec")
 
     @property
     def name(self) -> str:
