@@ -70,7 +70,6 @@ class PagePool:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
         self.geometry = geometry
         self.check = check
-        self.fused_writes = fused_writes
         device = torch.device(device)
         shape = (batch_size, num_kv_heads, num_pages)
         page = geometry.page_size
@@ -101,6 +100,8 @@ class PagePool:
         self._scratch_reps = self.key_reps[:, :, :scratch_pages].view(
             *shape[:2], frames, geometry.pages_per_frame, head_dim
         )
+        # the fused write where it applies to this pool (decided once; k and v per call)
+        self._fused_writes = fused_writes and write_scratch_supported(self.k, self.v, self.key_reps)
         self.clear()
         self.page_bytes = 2 * batch_size * num_kv_heads * page * head_dim * self.k.element_size()
 
@@ -270,7 +271,7 @@ class PagePool:
         g = self.geometry
         frames = self.scratch_pages // g.pages_per_frame
         self._check_frames(k, v, frames)
-        if self.fused_writes and write_scratch_supported(k, v, self.k, self.v, self.key_reps):
+        if self._fused_writes and k.stride(-1) == 1 and v.stride(-1) == 1:
             reps_out = self.key_reps if reps else None
             write_scratch_pages(k, v, self.k, self.v, reps_out, g, frames)
             return

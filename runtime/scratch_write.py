@@ -71,12 +71,11 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def write_scratch_supported(
-    k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, key_reps: Tensor
-) -> bool:
-    """Whether `write_scratch_pages` takes these tensors: fp16/bf16/fp32 pools of equal
-    strides, a power-of-two page and head_dim (16..256), head_dim the unit-stride axis of k,
-    v, the pools and the key reps (float32)."""
+def write_scratch_supported(k_pool: Tensor, v_pool: Tensor, key_reps: Tensor) -> bool:
+    """Whether `write_scratch_pages` takes this pool: fp16/bf16/fp32 K and V of equal
+    strides, a power-of-two page and head_dim (16..256), head_dim the unit-stride axis of
+    both and of the float32 key reps. (The chunk's k and v must also have a unit-stride
+    head_dim: the caller checks that per call.)"""
     page, head_dim = k_pool.shape[3], k_pool.shape[4]
     return (
         k_pool.dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -85,7 +84,8 @@ def write_scratch_supported(
         and _power_of_two(page)
         and _power_of_two(head_dim)
         and 16 <= head_dim <= 256
-        and all(t.stride(-1) == 1 for t in (k, v, k_pool, key_reps))
+        and k_pool.stride(-1) == 1
+        and key_reps.stride(-1) == 1
     )
 
 
@@ -101,7 +101,7 @@ def write_scratch_pages(
     """Write ``frames`` whole frames of k, v (BLHD ``[B, frames·T, Hkv, D]``, the pool's dtype)
     into the first ``frames·ppf`` pages of ``k_pool``/``v_pool`` (``[B, Hkv, NP, page, D]``,
     same strides), and with ``key_reps`` (float32 ``[B, Hkv, NP, D]``) each page's mean key.
-    The caller checks shapes and `write_scratch_supported`."""
+    The caller checks shapes, `write_scratch_supported` and k's and v's unit-stride head_dim."""
     batch, kv_heads, _, page, head_dim = k_pool.shape
     pages = frames * geometry.pages_per_frame
     if batch * kv_heads * pages == 0:

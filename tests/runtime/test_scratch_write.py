@@ -76,7 +76,7 @@ def test_fused_write_equals_the_torch_copies(
     )
     ref, got = pools(geometry, batch, kv_heads, head_dim, dtype)
     k, v = chunk(geometry, batch, kv_heads, head_dim, dtype, seed, strided)
-    assert write_scratch_supported(k, v, got.k, got.v, got.key_reps)
+    assert write_scratch_supported(got.k, got.v, got.key_reps)
     for pool in (ref, got):
         pool.write_scratch(k, v, reps=reps)
     assert_same(ref, got, reps)
@@ -91,7 +91,7 @@ def test_float64_pools_take_the_torch_path():
     geometry = VideoGeometry(24, frames_per_chunk=2, page_size=16, q_block=16)
     ref, got = pools(geometry, 1, 2, 16, torch.float64)
     k, v = chunk(geometry, 1, 2, 16, torch.float64, 0, strided=False)
-    assert not write_scratch_supported(k, v, got.k, got.v, got.key_reps)
+    assert not write_scratch_supported(got.k, got.v, got.key_reps)
     for pool in (ref, got):
         pool.write_scratch(k, v)
     assert_same(ref, got, reps=True)
