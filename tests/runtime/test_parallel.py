@@ -67,15 +67,21 @@ def _rollout(runner, config, context, chunks=CHUNKS):
     return generate(runner, context, chunks, latent_shape=shape, progress=False)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t``'s bytes: the buffers are allocated empty, and their unwritten tail may
+    hold NaN patterns, which `torch.equal` never calls equal to themselves."""
+    return t.detach().clone().contiguous().view(torch.uint8)
+
+
 def _snapshot(runner) -> list:
-    """Everything the runner's cache holds (device and host state)."""
+    """Everything the runner's cache holds (device and host state), bit for bit."""
     if isinstance(runner, EagerRunner):
         cache = runner.cache
-        slots = [(s.k.clone(), s.v.clone(), s.tokens) for s in cache._slots]
+        slots = [(_bits(s.k), _bits(s.v), s.tokens) for s in cache._slots]
         return [runner.next_frame, cache.frames, cache.kv_bytes, slots]
     rt = runner.runtime
     pool = rt.pool
-    tensors = [t.clone() for t in (pool.k, pool.v, pool.page_lens, pool.key_reps, pool.used)]
+    tensors = [_bits(t) for t in (pool.k, pool.v, pool.page_lens, pool.key_reps, pool.used)]
     layers = [(s.frames, s.num_persistent, s.committed_frames, s.page_ids()) for s in rt.states]
     return [rt.committed_frames, pool.num_used, tensors, layers]
 
