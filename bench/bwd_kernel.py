@@ -2,6 +2,7 @@
 
     python -m bench.bwd_kernel [--case sf5s] [--densities 0.25,0.125] [--tune] [--json out.json]
     python -m bench.bwd_kernel --sweep      # per-kernel device time of a few configs each
+    python -m bench.bwd_kernel --fused-dq   # also dQ added by the dK/dV kernel (atomics)
 
 The kernel benchmark's case (q 4680 × kv 32760, 12 heads × 128, bf16, BLHD, contiguous K/V)
 and table. SDPA's backward is timed as torch.autograd.grad of its output (cuDNN/flash, what
@@ -10,7 +11,10 @@ saved LSE. TFLOP/s count 2.5× the forward's 4·Lq·Lk·D per head over the comp
 (whole listed pages for pbsa), so `per_block_vs_sdpa` is throughput per computed block.
 `--sweep` (the profile behind a tuning decision) times delta, dQ and dK/dV separately under
 torch.profiler for the default configs and for a short list of dQ and dK/dV configs (the
-other kernel at its default). Prints a table last.
+other kernel at its default). `--fused-dq` times FUSED_TILES with `LaunchConfig.fused_dq` (one
+kernel for dK, dV and dQ, dQ by float atomics: not deterministic) and records the fastest
+as impl "pbsa_fused", with its dQ's largest difference from the split kernels'. Prints a
+table last.
 """
 
 from __future__ import annotations
@@ -47,9 +51,17 @@ SWEEP = {
 }  # fmt: skip
 
 
+# dK/dV tiles that also add dQ (block_m, block_n, num_warps, num_stages): of the 54 of the
+# dK/dV search space, pipelined ones that ptxas (triton 3.6, sm_90a, `codegen.aot`) fits in
+# registers without spills and holding 128 or 64 keys (4-warp tiles of 128 keys spill 2-4 KB).
+FUSED_TILES = [(32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2)]
+
+KERNELS = ("bwd_delta", "bwd_dq", "bwd_dkdv", "bwd_fused")
+
+
 def kernel_ms(fn, reps: int = 10) -> dict[str, float]:
-    """Mean device milliseconds per call of each backward kernel ("bwd_delta", "bwd_dq",
-    "bwd_dkdv") launched by `fn`, from torch.profiler."""
+    """Mean device milliseconds per call of each backward kernel (KERNELS) launched by `fn`,
+    from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -58,7 +70,7 @@ def kernel_ms(fn, reps: int = 10) -> dict[str, float]:
         for _ in range(reps):
             fn()
         sync()
-    out = dict.fromkeys(("bwd_delta", "bwd_dq", "bwd_dkdv"), 0.0)
+    out = dict.fromkeys(KERNELS, 0.0)
     for e in prof.key_averages():
         if e.device_type.name != "CUDA":
             continue
@@ -92,12 +104,38 @@ def sweep(p, out, lse, grad_out, density: float) -> list[dict]:
     return rows
 
 
+def fastest_fused(p, out, lse, grad_out, density: float):
+    """(ms, config, call) of the fastest FUSED_TILES config, None if none compiled."""
+    dq_config = default_backward_configs(p, interpret=False)[0]
+    best = None
+    for block_m, block_n, warps, stages in FUSED_TILES:
+        if p.q_block % block_m or p.page_size % block_n:
+            continue
+        tile = LaunchConfig(block_m, warps, stages, block_n=block_n, fused_dq=True)
+
+        def call(tile=tile):
+            return pbsa_backward_triton(p, out, lse, grad_out, configs=(dq_config, tile))
+
+        try:
+            ms = time_ms(call)
+        except Exception as error:  # a tile this Triton/device cannot build
+            print(f"  fused {tile}: {type(error).__name__}: {str(error)[:120]}")
+            continue
+        print(f"  {density} fused m{block_m} n{block_n} w{warps} s{stages}: {ms:.3f} ms")
+        if best is None or ms < best[0]:
+            best = (ms, tile, call)
+    return best
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="sf5s", choices=sorted(CASES))
     parser.add_argument("--densities", default="0.25,0.125,0.0625")
     parser.add_argument("--tune", action="store_true", help="autotune_backward first")
     parser.add_argument("--sweep", action="store_true", help="per-kernel times of a few configs")
+    parser.add_argument(
+        "--fused-dq", action="store_true", help="also dQ added by the dK/dV kernel (atomics)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -144,12 +182,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 dkdv_config=str(dkdv_config),
             )
         )
+        best = fastest_fused(p, out, lse, grad_out, density) if args.fused_dq else None
+        if best is not None:
+            fused_ms, tile, call = best
+            split_dq = pbsa_backward(p, out, lse, grad_out, backend="triton")[0]
+            fused_tf = tf * ms / fused_ms
+            records.append(
+                dict(
+                    impl="pbsa_fused",
+                    density=density,
+                    bwd_ms=fused_ms,
+                    tflops=fused_tf,
+                    speedup_vs_sdpa=sdpa_ms / fused_ms,
+                    per_block_vs_sdpa=fused_tf / sdpa_tf,
+                    speedup_vs_split=ms / fused_ms,
+                    max_abs_dq_diff_vs_split=float((call()[0] - split_dq).abs().max()),
+                    **{f"{k}_ms": v for k, v in kernel_ms(call).items()},
+                    dkdv_config=str(tile),
+                )
+            )
     payload = dict(device=device_record(), case=case.name, records=records, sweep=swept)
     write_json(args.json, payload)
     if swept:
         print(format_table(swept, list(swept[0])))
     columns = ["impl", "density", "bwd_ms", "tflops", "speedup_vs_sdpa", "per_block_vs_sdpa"]
-    columns += ["bwd_delta_ms", "bwd_dq_ms", "bwd_dkdv_ms"]
+    columns += [f"{k}_ms" for k in KERNELS]
+    if args.fused_dq:
+        columns += ["speedup_vs_split", "max_abs_dq_diff_vs_split"]
     print(format_table(records, columns))
     return records
 

@@ -26,7 +26,7 @@ from codegen.spec import KernelSpec
 
 _TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _INDEX_TENSORS = ("NumBlocks", "Indices", "PageLens", "Offsets", "Entries", "Schedule")
-_FP32_TENSORS = ("Lse", "Delta", "Part", "PartLse")
+_FP32_TENSORS = ("Lse", "Delta", "Part", "PartLse", "DQAcc")
 
 
 @dataclass(frozen=True)

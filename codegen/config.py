@@ -22,6 +22,9 @@ class LaunchConfig:
     warp_specialize: Triton's warp-specialised kv loop (with tma only).
     block_n: keys per step, a power of two >= 16 (capped at the page size); None: one page.
     kv_splits: programs per query tile, each over a share of its pages, merged after (1..8).
+    fused_dq: the backward's dK/dV kernel only: its programs also add their shares of dQ by
+        float atomics and no dQ kernel runs (five products per block, not seven; dQ is not
+        deterministic). With whole-tile walks (kv_splits 1) and pointer loads.
     """
 
     block_m: int = 128
@@ -32,6 +35,7 @@ class LaunchConfig:
     block_n: int | None = None
     warp_specialize: bool = False
     kv_splits: int = 1
+    fused_dq: bool = False
 
     def __post_init__(self) -> None:
         for name, value in (("block_m", self.block_m), ("block_n", self.block_n)):
@@ -48,7 +52,7 @@ class LaunchConfig:
         stages = self.num_stages
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
             raise ValueError(f"LaunchConfig.num_stages: expected an int >= 1, got {stages!r}")
-        for name in ("tma", "scheduled", "warp_specialize"):
+        for name in ("tma", "scheduled", "warp_specialize", "fused_dq"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
                     f"LaunchConfig.{name}: expected a bool, got {getattr(self, name)!r}"
@@ -56,6 +60,11 @@ class LaunchConfig:
         if self.warp_specialize and not self.tma:
             raise ValueError("LaunchConfig.warp_specialize: needs tma=True")
         check_kv_splits(self.kv_splits, "LaunchConfig")
+        if self.fused_dq and (self.kv_splits != 1 or self.tma):
+            raise ValueError(
+                "LaunchConfig.fused_dq: the dK/dV kernel owns its key tile (kv_splits 1) and "
+                "loads with pointers (tma False)"
+            )
 
 
 @functools.lru_cache(maxsize=16)

@@ -140,6 +140,8 @@ def pbsa_triton(
     if not interpret and not p.q.is_cuda:
         raise ValueError("backend='triton' needs CUDA tensors; use 'torch' or 'interpret'")
     config = config or default_config(p, interpret)
+    if config.fused_dq:
+        raise ValueError("config.fused_dq: a backward choice; the forward takes none")
     spec = spec_for(p, config, return_lse)
     kernel = memo_kernel(spec, interpret)
 

@@ -3,6 +3,10 @@
 Three launches per call: delta = rowsum(dO·O) per query row, dQ (one program per query tile,
 walking its table row) and dK/dV (one program per key tile of a page, walking the pairs of
 the transposed table). dQ and dK/dV are tuned separately (`codegen.tuning.autotune_backward`).
+A dK/dV config with `fused_dq` replaces the last two by one kernel whose dK/dV programs also
+add their dQ shares, by float atomics (five products per block instead of seven; dQ is then
+not deterministic). Only an explicit `configs` runs it: the tuner and the stored winners
+never pick it.
 On CUDA, dQ runs on a side stream beside dK/dV: neither reads what the other writes, and
 each one's last wave leaves SMs idle that the other's programs can fill (flex gets the same
 overlap from one launch of both).
@@ -113,6 +117,13 @@ def pbsa_backward_triton(
     if not interpret and not p.q.is_cuda:
         raise ValueError("backend='triton' needs CUDA tensors; use 'torch' or 'interpret'")
     dq_config, dkdv_config = configs or default_backward_configs(p, interpret)
+    if dq_config.fused_dq:
+        raise ValueError("configs[0]: fused_dq is a choice of the dK/dV kernel (configs[1])")
+    if dkdv_config.fused_dq and torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError(
+            "configs[1].fused_dq adds dQ by float atomics, which is not deterministic, and "
+            "torch.use_deterministic_algorithms(True) is set: use a config without fused_dq"
+        )
     if dkdv_config.kv_splits != 1:
         raise ValueError(
             f"configs[1]: the dK/dV kernel owns its key tile and takes no kv_splits, "
@@ -175,6 +186,18 @@ def pbsa_backward_triton(
         Indices=p.kv_indices.contiguous(),
         max_blocks=p.max_blocks,
     )
+    tiles = p.num_pages * (p.page_size // dkdv_spec.block_n)
+    grid = (tiles, p.batch * p.kv_heads)
+    if dkdv_config.fused_dq:
+        # dQ gathers in float32 (the kernel applies the scale), then takes q's dtype and layout
+        acc = torch.zeros(p.batch * p.heads, p.q_len, p.head_dim, device=p.q.device)
+        table = transposed(p)
+        values.update(DK=dk, DV=dv, DQAcc=acc, Offsets=table.offsets, Entries=table.entries)
+        if tiles:
+            run(dkdv_spec, dkdv_config, "bwd_fused", grid, values)
+        acc = acc.view(p.batch, p.heads, p.q_len, p.head_dim)
+        dq.copy_(acc if p.layout == "BHLD" else acc.transpose(1, 2))
+        return dq, dk, dv
     splits = dq_spec.kv_splits
     # Shares write float32 partials as batch row b·splits + s (q's layout); their sum over
     # s, in a fixed order, is dQ. Allocated here, on the caller's stream, which frees it only
@@ -196,9 +219,8 @@ def pbsa_backward_triton(
             dq.copy_(part.unflatten(0, (p.batch, splits)).sum(1))
     table = transposed(p)
     values.update(DK=dk, DV=dv, Offsets=table.offsets, Entries=table.entries)
-    tiles = p.num_pages * (p.page_size // dkdv_spec.block_n)
     if tiles:
-        run(dkdv_spec, dkdv_config, "bwd_dkdv", (tiles, p.batch * p.kv_heads), values)
+        run(dkdv_spec, dkdv_config, "bwd_dkdv", grid, values)
     if side is not None:
         main.wait_stream(side)
     return dq, dk, dv

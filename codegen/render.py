@@ -1,8 +1,8 @@
 """`render(spec, module) -> str`: the Triton source of a PBSA module, from a Jinja2 template.
 
 Two modules per spec: "fwd" (the forward kernel, and `fwd_merge`, which combines the float32
-partials of a split walk, `KernelSpec.kv_splits`) and "bwd" (the backward's three kernels:
-delta = rowsum(dO·O), dQ, dK/dV). Both templates share the tile-load macros.
+partials of a split walk, `KernelSpec.kv_splits`) and "bwd" (the backward's kernels: delta =
+rowsum(dO·O), dQ, dK/dV, and dK/dV with dQ). Both templates share the tile-load macros.
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ TEMPLATES = {"fwd": "pbsa_fwd.py.jinja", "bwd": "pbsa_bwd.py.jinja"}
 # Query rows per program of `fwd_merge`: 32 rows of float32 keep the partial tile and the
 # accumulator in registers up to head_dim 256 at 4 warps (128 rows spill at head_dim 128).
 MERGE_ROWS = 32
-# The kernels of each module: the forward and its split merge, the backward's three.
-KERNELS = {"fwd": ("fwd", "fwd_merge"), "bwd": ("bwd_delta", "bwd_dq", "bwd_dkdv")}
+# The kernels of each module: the forward and its split merge; the backward's delta, dQ and
+# dK/dV kernels, and the dK/dV kernel that computes dQ too (in place of the dQ kernel).
+KERNELS = {
+    "fwd": ("fwd", "fwd_merge"),
+    "bwd": ("bwd_delta", "bwd_dq", "bwd_dkdv", "bwd_fused"),
+}
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,11 @@ def _backward_args(kernel: str) -> tuple[KernelArg, ...]:
             + _args("int", "max_blocks")
             + _args("float", "qk_scale")
         )
+    fused = _args("tensor", "DQAcc") if kernel == "bwd_fused" else ()  # float32 [B·H, Lq, D]
     return (
         _args("tensor", "Q", "K", "V", "DOut", "Lse", "Delta", "DK", "DV")
         + _args("tensor", "Offsets", "Entries", "PageLens")
+        + fused
         + _args("stride", *_strides("q"), *_strides("do"))
         + kv
         + _args("stride", *(s for t in ("dk", "dv") for s in _strides(t, "bhpt")))
@@ -161,7 +167,7 @@ def template_fingerprint(module: str = "fwd") -> str:
 
 def render(spec: KernelSpec, module: str = "fwd") -> str:
     """Complete Python module source: "fwd" defines `@triton.jit def <spec.name>(...)` and
-    its merge, "bwd" the three backward kernels, each named by `kernel_name`."""
+    its merge, "bwd" the four backward kernels, each named by `kernel_name`."""
     if not isinstance(spec, KernelSpec):
         raise TypeError(f"spec: expected a KernelSpec, got {type(spec).__name__}")
     if module not in TEMPLATES:

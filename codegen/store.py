@@ -28,7 +28,7 @@ from codegen.render import module_of, template_fingerprint
 _PROBE = LaunchConfig(block_m=16, num_warps=4, num_stages=2)
 _FIELDS = tuple(f.name for f in dataclasses.fields(LaunchConfig))
 # Fields that records written before they existed lack: those records mean the default.
-_ADDED_LATER = ("kv_splits",)
+_ADDED_LATER = ("kv_splits", "fused_dq")
 
 _memory: dict[str, LaunchConfig] | None = None
 _hits: dict[tuple, LaunchConfig | None] = {}

@@ -19,6 +19,8 @@ JOBS = [
     # backward, the defaults' tiles: dQ over pages, dK/dV over contiguous BLHD with GQA
     (KernelSpec(block_m=128, block_n=64), "bwd_dq", LaunchConfig(128, 8, 3, block_n=64)),
     (KernelSpec(block_m=64, paged=False, group=2), "bwd_dkdv", LaunchConfig(64, 8, 2)),
+    # dK/dV adding dQ by atomics: the atomics must not stop the pipelining
+    (KernelSpec(block_m=32), "bwd_fused", LaunchConfig(32, 8, 2, fused_dq=True)),
     (KernelSpec(block_m=64, dtype="float16", layout="BHLD", paged=False), "bwd_delta",
      LaunchConfig(64, 4, 1)),
     # a split walk (float32 partials) and the merge of its shares

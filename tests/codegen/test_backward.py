@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from codegen.backward import pbsa_backward
 from codegen.config import LaunchConfig
-from codegen.launch_bwd import pbsa_backward_triton
+from codegen.launch import pbsa_triton
+from codegen.launch_bwd import default_backward_configs, pbsa_backward_triton
 from codegen.reference import pbsa_reference, pbsa_reference_backward
 from codegen.samples import random_inputs, sample_problem, small_inputs
 
@@ -133,10 +134,15 @@ def inputs(shape: dict, **kw) -> dict:
     dtype=st.sampled_from(DTYPES),
     q_scale=st.sampled_from([1.0, 30.0]),  # 30: large logits, near one-hot rows
     seed=st.integers(0, 2**31 - 1),
+    fused=st.booleans(),  # dQ from the dK/dV kernel (atomics) instead of its own kernel
 )
-def test_interpreted_kernels_match_the_oracle(shape, paged, layout, dtype, q_scale, seed):
+def test_interpreted_kernels_match_the_oracle(shape, paged, layout, dtype, q_scale, seed, fused):
     args = inputs(shape, paged=paged, layout=layout, dtype=dtype, q_scale=q_scale, seed=seed)
-    check(args, "triton" if CUDA else "interpret", dtype, seed)
+    configs = None
+    if fused:
+        dq, dkdv = default_backward_configs(sample_problem(args), interpret=not CUDA)
+        configs = (dq, dataclasses.replace(dkdv, fused_dq=True))
+    check(args, "triton" if CUDA else "interpret", dtype, seed, configs=configs)
 
 
 @settings(max_examples=40 if CUDA else 25)
@@ -153,13 +159,18 @@ def test_torch_backend_matches_the_oracle(shape, paged, layout, dtype, q_scale, 
     check(args, "torch", dtype, seed)
 
 
-@pytest.mark.parametrize("paged, splits", [(True, 1), (False, 1), (True, 2), (False, 3)])
-def test_tiles_smaller_than_pages_and_query_blocks(paged, splits):
+@pytest.mark.parametrize(
+    "paged, splits, fused", [(True, 1, False), (False, 1, False), (True, 2, False),
+                             (False, 3, False), (True, 1, True), (False, 1, True)]
+)  # fmt: skip
+def test_tiles_smaller_than_pages_and_query_blocks(paged, splits, fused):
     """Several key tiles per page and query tiles per table row (SUB, Q_SUB > 1); dQ also in
     shares (float32 partials summed in a fixed order; rows with fewer steps than shares leave
-    some empty)."""
+    some empty), or added by the dK/dV programs (every key tile of a page adds to a row)."""
     tile = LaunchConfig(block_m=16, num_warps=4, num_stages=1, block_n=16)
     dq_tile = dataclasses.replace(tile, kv_splits=splits)
+    if fused:
+        tile = dataclasses.replace(tile, fused_dq=True)
     args = random_inputs(
         batch=2 if splits > 1 else 1,
         heads=2,
@@ -193,6 +204,30 @@ def test_dkdv_takes_no_shares():
             interpret=not CUDA,
             configs=(dq, split),
         )
+
+
+def test_fused_dq_is_a_backward_dkdv_choice_refused_under_deterministic_algorithms():
+    args = small_inputs(seed=1, device=DEVICE)
+    p = sample_problem(args)
+    out, lse = pbsa_reference(**args)
+    out, lse = out.to(args["q"].dtype), lse.float()
+    tile = LaunchConfig(block_m=16, num_warps=4, num_stages=1, block_n=16)
+    fused = dataclasses.replace(tile, fused_dq=True)
+    run = dict(interpret=not CUDA)
+    with pytest.raises(ValueError, match=r"configs\[0\]: fused_dq"):
+        pbsa_backward_triton(p, out, lse, args["q"], configs=(fused, tile), **run)
+    with pytest.raises(ValueError, match="fused_dq"):
+        pbsa_triton(p, config=fused, **run)
+    for bad in (dict(kv_splits=2), dict(tma=True)):
+        with pytest.raises(ValueError, match="LaunchConfig.fused_dq"):
+            dataclasses.replace(fused, **bad)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            pbsa_backward_triton(p, out, lse, args["q"], configs=(tile, fused), **run)
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def test_full_pages_without_page_lens():
@@ -279,6 +314,8 @@ def test_gpu_every_tuning_candidate_is_correct(data, paged, seed):
     # the tuner also tries the dQ winner in shares
     dq = dataclasses.replace(dq, kv_splits=data.draw(st.sampled_from([1, 2, 3])))
     dkdv = data.draw(st.sampled_from(backward_candidates(p, "bwd_dkdv", limit)))
+    if data.draw(st.booleans()):  # the same tile adding dQ too (bench.bwd_kernel --fused-dq)
+        dkdv = dataclasses.replace(dkdv, fused_dq=True)
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     grad_out = torch.randn(args["q"].shape, generator=g, device=DEVICE).to(torch.bfloat16)
     ref = pbsa_reference_backward(grad_out, **args)
@@ -319,6 +356,25 @@ def test_gpu_gradients_are_bitwise_deterministic():
         again = pbsa_backward(p, out, lse, grad_out, backend="triton")
         for a, b in zip(first, again, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m, block_n, warps", [(32, 128, 8), (64, 128, 8), (64, 64, 8)])
+def test_gpu_fused_dq_keeps_dkdv_deterministic_and_dq_close(block_m, block_n, warps):
+    """dQ added by the dK/dV programs (float atomics, many programs per row: 12 pages, 8
+    heads): dK and dV bit for bit the same on every run, dQ within float32 rounding of the
+    split kernels' (its summation order changes)."""
+    p, out, lse, grad_out = gpu_forward(heads=8, q_len=1000, num_pages=12, seed=3)
+    dq_config = default_backward_configs(p, interpret=False)[0]
+    tile = LaunchConfig(block_m, warps, 2, block_n=block_n)
+    split = pbsa_backward_triton(p, out, lse, grad_out, configs=(dq_config, tile))
+    fused = dataclasses.replace(tile, fused_dq=True)
+    first = pbsa_backward_triton(p, out, lse, grad_out, configs=(dq_config, fused))
+    for _ in range(3):
+        again = pbsa_backward_triton(p, out, lse, grad_out, configs=(dq_config, fused))
+        assert torch.equal(again[1], first[1]) and torch.equal(again[2], first[2])
+        torch.testing.assert_close(again[0], first[0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(first[0], split[0], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

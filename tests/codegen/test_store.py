@@ -97,13 +97,14 @@ def test_a_bad_record_is_skipped_with_one_warning_and_the_rest_kept(fresh_store,
 
 
 def test_a_record_older_than_a_field_means_its_default(fresh_store):
-    # records written before kv_splits existed lack it: they are the unsplit walk, no warning
+    # records written before kv_splits and fused_dq existed lack them: they are the unsplit
+    # walk and the split backward, no warning
     p = problem(100)
-    old = {k: v for k, v in GOOD.items() if k != "kv_splits"}
+    old = {k: v for k, v in GOOD.items() if k not in ("kv_splits", "fused_dq")}
     fresh_store.write_text(json.dumps({store.tuning_key(p): old}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert store.lookup(p) == WINNER and WINNER.kv_splits == 1
+        assert store.lookup(p) == WINNER and WINNER.kv_splits == 1 and not WINNER.fused_dq
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
@@ -149,6 +150,8 @@ def test_an_unwritable_store_keeps_the_winner_in_memory(tmp_path, monkeypatch):
         (dict(scheduled=None), "scheduled"),
         (dict(kv_splits=0), "kv_splits"),
         (dict(kv_splits=2.0), "kv_splits"),
+        (dict(fused_dq=1), "fused_dq"),
+        (dict(fused_dq=True, kv_splits=2), "fused_dq"),
     ],
 )
 def test_invalid_launch_configs_name_the_field(change, field):
