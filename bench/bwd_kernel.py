@@ -167,16 +167,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ms = time_ms(
             lambda p=p, out=out, lse=lse: pbsa_backward(p, out, lse, grad_out, backend="triton")
         )
-        tf = tflops(case, computed_tokens(case, nb), ms)
+        tokens = computed_tokens(case, nb)
+
+        def rates(ms: float, tokens=tokens) -> dict:
+            tf = tflops(case, tokens, ms)
+            return dict(bwd_ms=ms, tflops=tf, speedup_vs_sdpa=sdpa_ms / ms,
+                        per_block_vs_sdpa=tf / sdpa_tf)  # fmt: skip
+
         dq_config, dkdv_config = default_backward_configs(p, interpret=False)
         records.append(
             dict(
                 impl="pbsa",
                 density=density,
-                bwd_ms=ms,
-                tflops=tf,
-                speedup_vs_sdpa=sdpa_ms / ms,
-                per_block_vs_sdpa=tf / sdpa_tf,
+                **rates(ms),
                 **{f"{k}_ms": v for k, v in split.items()},
                 dq_config=str(dq_config),
                 dkdv_config=str(dkdv_config),
@@ -186,15 +189,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if best is not None:
             fused_ms, tile, call = best
             split_dq = pbsa_backward(p, out, lse, grad_out, backend="triton")[0]
-            fused_tf = tf * ms / fused_ms
             records.append(
                 dict(
                     impl="pbsa_fused",
                     density=density,
-                    bwd_ms=fused_ms,
-                    tflops=fused_tf,
-                    speedup_vs_sdpa=sdpa_ms / fused_ms,
-                    per_block_vs_sdpa=fused_tf / sdpa_tf,
+                    **rates(fused_ms),
                     speedup_vs_split=ms / fused_ms,
                     max_abs_dq_diff_vs_split=float((call()[0] - split_dq).abs().max()),
                     **{f"{k}_ms": v for k, v in kernel_ms(call).items()},
