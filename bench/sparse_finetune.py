@@ -1,6 +1,7 @@
 """Does training with the sparse pattern in the loop beat sparsity at inference only?
 
     python -m bench.sparse_finetune --runs /tmp/ft --out results/ft [--budget 220] [--seeds 16]
+        [--self-forcing]
 
 Fine-tunes the committed world model twice from the same weights with the same recipe
 (clip length, batch, learning-rate schedule, seed) and the same number of steps:
@@ -9,13 +10,17 @@ Fine-tunes the committed world model twice from the same weights with the same r
   of that pattern uses, `world.teacher_forcing` with attention "pbsa"), for `--budget`
   seconds or `--steps` steps, whichever ends first;
 * `ft_dense`: the control, `--pattern dense`, stopped at the step `ft_sparse` reached, so that
-  any gain of `ft_sparse` is not just more training or longer clips.
+  any gain of `ft_sparse` is not just more training or longer clips;
+* with `--self-forcing`, `ft_self`: `ft_sparse`'s recipe with `--context self` (every step
+  rolls the clip out from its first chunk with the current weights and the pattern, and the
+  noisy chunks attend to that rollout), also stopped at `ft_sparse`'s step.
 
-Both are exported and judged with `bench.quality` beside the base model: (a) base dense,
-(b) base with the pattern at inference only, (c) `ft_sparse` with the pattern, plus
-`ft_dense` dense and sparse. Runs resume (`--runs` keeps the checkpoints): a second call
-continues the sparse run, catches the control up, and evaluates again. `--out` receives
-both exported weight folders, the loss logs, the quality JSON and its plot.
+All are exported and judged with `bench.quality` beside the base model: (a) base dense,
+(b) base with the pattern at inference only, (c) `ft_sparse` with the pattern, (d) `ft_self`
+with the pattern, plus the fine-tunes dense and `ft_dense` sparse. Runs resume (`--runs`
+keeps the checkpoints): a second call continues the sparse run, catches the others up, and
+evaluates again. `--out` receives the exported weight folders, the loss logs, the quality
+JSON and its plot.
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         "--attention-backend", default="auto", help="world.train's pbsa backend (not a recipe)"
     )
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument(
+        "--self-forcing", action="store_true", help="also ft_self: ft_sparse with --context self"
+    )
     args = parser.parse_args(argv)
     if args.pattern == "dense":
         parser.error("--pattern: the sparse run needs a sparse pattern, got 'dense'")
@@ -113,10 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         upto=reached,
     )
     print(f"ft_dense: step {checkpoint_step(dense_run / 'checkpoint')}", flush=True)
+    runs = {"ft_sparse": sparse_run, "ft_dense": dense_run}
+    if args.self_forcing:
+        runs["ft_self"] = args.runs / "ft_self"
+        _train(
+            python,
+            runs["ft_self"],
+            [*sparse_recipe, "--context", "self"],
+            backend=args.attention_backend,
+            budget=None,
+            upto=reached,
+        )
+        print(f"ft_self: step {checkpoint_step(runs['ft_self'] / 'checkpoint')}", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     weights = {}
-    for name, run in (("ft_sparse", sparse_run), ("ft_dense", dense_run)):
+    for name, run in runs.items():
         folder = args.out / name
         cmd = [python, "-m", "world.train", "--export", str(run), "--weights-out", str(folder)]
         subprocess.run(cmd, check=True)

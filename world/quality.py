@@ -98,9 +98,12 @@ def contenders(geometry: VideoGeometry, *, learned: bool) -> list[Contender]:
     return out
 
 
-def _runner(
-    model: CausalWanModel, contender: Contender, geometry: VideoGeometry, scorer_path
+def contender_runner(
+    model: CausalWanModel, contender: Contender, geometry: VideoGeometry, scorer_path=None
 ) -> ChunkRunner:
+    """The runner that rolls `model` out as `contender` does: an eager dense cache, or the
+    paged runtime of its pattern (a copy of the model) with its scorer (`scorer_path`, None:
+    the committed one, when the contender's scorer is "learned")."""
     if contender.pattern is None:
         cache = (
             GlobalCache()
@@ -239,7 +242,7 @@ def evaluate(
             continue
         label = contender.name + (f" ({contender.scorer})" if contender.scorer else "")
         say(label)
-        runner = _runner(model, contender, geometry, scorer_path)
+        runner = contender_runner(model, contender, geometry, scorer_path)
         start = time.perf_counter()
         prediction = rollout(runner, model)
         if device.type == "cuda":

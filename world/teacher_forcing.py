@@ -255,16 +255,26 @@ def sample_sigmas(
 
 
 def flow_matching_loss(
-    teacher_forcing: TeacherForcing, clean: Tensor, noise: Tensor, sigma: Tensor, context: Tensor
+    teacher_forcing: TeacherForcing,
+    clean: Tensor,
+    noise: Tensor,
+    sigma: Tensor,
+    context: Tensor,
+    history: Tensor | None = None,
 ) -> Tensor:
     """MSE of the predicted flow v = ε − x0 on the noisy half (a float32 scalar).
 
     clean, noise: [B, C, F, H, W]; sigma: [B, F / frames_per_chunk], chunk i's noise level
     (x_t = (1 − σ)·x0 + σ·ε at timestep 1000·σ); context: [B, L_text, text_dim].
+    history: what the clean half holds, the frames the noisy chunks attend to (None: the
+    clip itself, teacher forcing; else e.g. the model's own rollout of it, clean's shape).
+    The target is always the clip's flow.
     """
     fpc = teacher_forcing.model.config.frames_per_chunk
     per_frame = sigma.repeat_interleave(fpc, dim=1)  # [B, F]
     s = per_frame[:, None, :, None, None].to(clean.dtype)
     noisy = (1.0 - s) * clean + s * noise
-    flow = teacher_forcing(clean, noisy, 1000.0 * per_frame, context)
+    flow = teacher_forcing(
+        clean if history is None else history, noisy, 1000.0 * per_frame, context
+    )
     return torch.nn.functional.mse_loss(flow.float(), (noise - clean).float())

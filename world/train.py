@@ -14,6 +14,10 @@ Fine-tuning with a sparse pattern in the loop (Sparse Forcing's "train and infer
 block-causally over the clip, exactly as the cached rollout of that pattern would
 (`world.teacher_forcing`, attention "pbsa"). `--clip-frames` lengthens the clips so that
 frames leave the pattern's window inside one (the world's patterns hold 6-9 frames).
+`--context self` trains on the history inference has (Self-Forcing's point): every step
+first rolls the clip out from its first chunk with the current weights and the same
+attention (no gradient), and the noisy chunks attend to that rollout instead of the clip;
+the target stays the clip.
 
 A run writes `OUT/checkpoint/` (index + size-capped shards: model, EMA, optimizer, schedule,
 step, loss log), `OUT/loss_log.jsonl` and `OUT/loss_curve.png` every `--checkpoint-every`
@@ -33,7 +37,7 @@ import torch
 from runtime.model_config import WanConfig
 from world.checkpoint import has_checkpoint, load_checkpoint_meta
 from world.scenes import DEFAULT_WORLD, TRAIN_FRAMES, WorldConfig
-from world.trainer import SCORERS, Recipe, Trainer, TrainPreset
+from world.trainer import CONTEXTS, SCORERS, Recipe, Trainer, TrainPreset
 from world.weights import WEIGHTS_DIR, export_weights
 
 TRAIN_PRESETS: dict[str, TrainPreset] = {
@@ -95,6 +99,7 @@ RECIPE_FLAGS = (
     "pattern",
     "scorer",
     "clip_frames",
+    "context",
 )
 
 
@@ -124,6 +129,8 @@ def check_recipe(recipe: Recipe) -> None:
         raise ValueError(f"--clip-frames must be a positive int, got {clip!r}")
     if recipe.scorer not in SCORERS:
         raise ValueError(f"--scorer must be one of {SCORERS}, got {recipe.scorer!r}")
+    if recipe.context not in CONTEXTS:
+        raise ValueError(f"--context must be one of {CONTEXTS}, got {recipe.context!r}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,6 +165,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="recipe: the pattern's block scorer (learned: world/weights/scorers.safetensors, "
         "frozen); default identity",
+    )
+    p.add_argument(
+        "--context",
+        choices=CONTEXTS,
+        default=None,
+        help="recipe: what the noisy chunks attend to: the clip (teacher, the default) or, "
+        "after its first chunk, the model's own rollout of it with the same attention (self)",
     )
     p.add_argument(
         "--attention-backend",

@@ -24,12 +24,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patterns import Dense, Pattern, VideoGeometry
+from runtime import StatefulRunner, generate
 from runtime.model import CausalWanModel
 from runtime.model_config import WanConfig
 from world.checkpoint import load_checkpoint, save_checkpoint
 from world.files import atomic_write, atomic_write_bytes
 from world.latent import frames_to_latents
-from world.quality import contenders, world_geometry
+from world.quality import Contender, contender_runner, contenders, world_geometry
 from world.scenes import TRAIN_SEEDS, WorldConfig, heldout_seeds, render
 from world.scorers import load_world_scorer, scorer_host
 from world.teacher_forcing import TeacherForcing, flow_matching_loss, sample_sigmas
@@ -66,9 +67,26 @@ class Recipe:
     pattern: str = "dense"  # the attention trained with: "dense" or a quality contender's
     scorer: str = "identity"  # the pattern's block scorer: "identity" or "learned" (frozen)
     clip_frames: int | None = None  # None: the preset's
+    # What the noisy chunks attend to: the clip ("teacher"), or, after its first chunk, the
+    # model's own rollout of it with the same attention ("self", Self-Forcing's point:
+    # train on the history inference will have)
+    context: str = "teacher"
 
 
 SCORERS = ("identity", "learned")
+CONTEXTS = ("teacher", "self")
+
+
+def training_contender(name: str, geometry: VideoGeometry, scorer: str) -> Contender:
+    """The quality contender called `name` (`world.quality.contenders`) scored by `scorer`
+    where it scores blocks ("dense": the dense cache holding every frame)."""
+    if name == "dense":
+        return Contender("dense")
+    named = {c.name: c for c in contenders(geometry, learned=False)}
+    if name not in named:
+        raise ValueError(f"--pattern must be one of {sorted(named)}, got {name!r}")
+    c = named[name]
+    return dataclasses.replace(c, scorer=scorer) if c.scorer is not None else c
 
 
 def training_pattern(name: str, geometry: VideoGeometry) -> Pattern | None:
@@ -76,10 +94,7 @@ def training_pattern(name: str, geometry: VideoGeometry) -> Pattern | None:
     None for "dense" (the dense teacher-forcing pass)."""
     if name == "dense":
         return None
-    named = {c.name: c for c in contenders(geometry, learned=False)}
-    if name not in named:
-        raise ValueError(f"--pattern must be one of {sorted(named)}, got {name!r}")
-    c = named[name]
+    c = training_contender(name, geometry, "identity")
     return c.pattern if c.pattern is not None else Dense(window_frames=c.cache_frames)
 
 
@@ -145,6 +160,9 @@ class Trainer:
         self.card = torch.cuda.get_device_name(self.device) if cuda else "cpu"
         self.context = torch.zeros(recipe.batch, 1, config.text_dim, device=self.device)
         self._eval_batches: list[tuple[Tensor, Tensor, Tensor]] | None = None
+        if recipe.context not in CONTEXTS:
+            raise ValueError(f"--context must be one of {CONTEXTS}, got {recipe.context!r}")
+        self._rollout: tuple | None = None  # (runner, its parameters, the model's), once built
 
     def _teacher(self, model: CausalWanModel, backend: str) -> TeacherForcing:
         """The teacher-forcing pass of `model` with the recipe's attention."""
@@ -209,6 +227,51 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
 
+    def _rollout_runner(self):
+        """(runner, its parameters, the model's matching ones): the recipe's attention at
+        inference (`world.quality.contender_runner`) on another model, bf16 on CUDA as
+        the quality benchmark runs it. Built once; `_self_history` refreshes its weights."""
+        if self._rollout is None:
+            r, geometry = self.recipe, world_geometry(self.model)
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            # A fresh model, not a copy: the teacher swapped this one's attention spelling.
+            fresh = CausalWanModel(self.model.config).to(self.device, dtype)
+            fresh.load_state_dict(self.model.state_dict())
+            contender = training_contender(r.pattern, geometry, r.scorer)
+            runner = contender_runner(fresh.requires_grad_(False).eval(), contender, geometry)
+            # The model the runner runs: the dense runner's, or the paged runner's bound copy
+            # (whose runtime parameters, the block scorers, have no counterpart here).
+            held = runner.chunk_fn if isinstance(runner, StatefulRunner) else runner.model
+            theirs = dict(held.named_parameters())
+            pairs = [(theirs[n], p) for n, p in self.model.named_parameters()]
+            self._rollout = (runner, *map(list, zip(*pairs, strict=True)))
+        return self._rollout
+
+    @torch.no_grad()
+    def _self_history(self, clean: Tensor, seed: int) -> Tensor:
+        """`clean`'s history as the model would have generated it (`Recipe.context` "self"):
+        its first chunk, which sets the scene, then each later chunk sampled by the current
+        weights (the runtime's 4-step sampler, the noise a pure function of `seed`). The
+        last chunk stays the clip's: no noisy chunk attends to it, so it is not sampled."""
+        fpc = self.model.config.frames_per_chunk
+        sampled = self.clip_frames // fpc - 2
+        if sampled < 1:
+            return clean
+        runner, theirs, ours = self._rollout_runner()
+        torch._foreach_copy_(theirs, ours)
+        dtype = theirs[0].dtype
+        video = generate(
+            runner,
+            self.context[:1].to(dtype),
+            sampled,
+            latent_shape=tuple(clean.shape[i] for i in (1, 3, 4)),
+            batch_size=clean.shape[0],
+            seed=seed,
+            progress=False,
+            prefix=clean[:, :, :fpc].to(dtype),
+        )
+        return torch.cat([video.to(clean.dtype), clean[:, :, -fpc:]], dim=2)
+
     # -- steps ----------------------------------------------------------------------------
 
     def train_step(self) -> Tensor:
@@ -216,8 +279,11 @@ class Trainer:
         r = self.recipe
         clean = self._clips(step_seeds(r.seed, self.step, r.batch))
         noise, sigma = self._noise(clean, mixed_seed(r.seed, self.step, 1))
+        history = None
+        if r.context == "self":
+            history = self._self_history(clean, mixed_seed(r.seed, self.step, 2))
         with self._autocast():
-            loss = flow_matching_loss(self.forward, clean, noise, sigma, self.context)
+            loss = flow_matching_loss(self.forward, clean, noise, sigma, self.context, history)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip, foreach=True)

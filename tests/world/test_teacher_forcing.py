@@ -195,3 +195,21 @@ def test_pbsa_sparse_pass_equals_the_sparse_cached_rollout(tiny32):
             rollout = runner(noisy[:, :, frames], t[:, frames], context, start, commit=False)
             torch.testing.assert_close(rollout, predicted[:, :, frames], atol=1e-4, rtol=1e-4)
             runner(clean[:, :, frames], torch.zeros(2, 3), context, start, commit=True)
+
+
+def test_history_replaces_what_the_noisy_chunks_attend_to_not_the_target(tiny64):
+    """flow_matching_loss(..., history): the clean half holds `history`, the target stays the
+    clip; no noisy chunk attends to the last chunk of the clean half, so it does not count."""
+    from world.teacher_forcing import flow_matching_loss
+
+    model, clean, eps, context = tiny64
+    teacher = TeacherForcing(model, CLIP, attention="dense")
+    sigma = torch.tensor([[0.9, 0.5, 0.2]] * 2, dtype=torch.float64)
+    loss = flow_matching_loss(teacher, clean, eps, sigma, context)
+    assert torch.equal(flow_matching_loss(teacher, clean, eps, sigma, context, clean), loss)
+    last = clean.clone()
+    last[:, :, -3:] = torch.randn_like(last[:, :, -3:])
+    torch.testing.assert_close(flow_matching_loss(teacher, clean, eps, sigma, context, last), loss)
+    middle = clean.clone()
+    middle[:, :, 3:6] += 0.5
+    assert (flow_matching_loss(teacher, clean, eps, sigma, context, middle) - loss).abs() > 1e-6

@@ -138,3 +138,55 @@ def test_sparse_teacher_forcing_follows_the_recipe():
     assert attn.pattern.window_frames == 9 and attn.clip_frames == 12
     dense = Trainer(make_recipe("tiny-test"), TRAIN_PRESETS["tiny-test"], "cpu")
     assert dense.teacher.attention == "dense" and dense.clip_frames == 6
+
+
+def test_self_forcing_trains_on_the_models_own_rollout(tmp_path):
+    """`--context self`: the noisy chunks attend to the clip as the current weights roll it out
+    with the recipe's attention (first chunk given, last one never attended so kept), and the
+    run still resumes exactly."""
+    from runtime import generate
+    from world.quality import contender_runner, world_geometry
+    from world.trainer import training_contender
+
+    recipe = make_recipe(
+        "tiny-test", context="self", pattern="persistent_local", clip_frames=12, eval_clips=1
+    )
+    trainer = Trainer(recipe, TRAIN_PRESETS["tiny-test"], "cpu")
+    clean = trainer._clips(step_seeds(0, 0, recipe.batch))
+    history = trainer._self_history(clean, seed=5)
+    f = trainer.model.config.frames_per_chunk
+    assert history.shape == clean.shape
+    assert torch.equal(history[:, :, :f], clean[:, :, :f])
+    assert torch.equal(history[:, :, -f:], clean[:, :, -f:])
+    geometry = world_geometry(trainer.model)
+    contender = training_contender("persistent_local", geometry, "identity")
+    fresh = type(trainer.model)(trainer.model.config)
+    fresh.load_state_dict(trainer.model.state_dict())
+    runner = contender_runner(fresh.eval(), contender, geometry)
+    with torch.no_grad():
+        want = generate(
+            runner,
+            trainer.context[:1],
+            2,
+            latent_shape=tuple(clean.shape[i] for i in (1, 3, 4)),
+            batch_size=recipe.batch,
+            seed=5,
+            progress=False,
+            prefix=clean[:, :, :f],
+        )
+    torch.testing.assert_close(history[:, :, f:-f], want[:, :, f:])
+    assert not torch.allclose(history[:, :, f:-f], clean[:, :, f:-f])
+    trainer.train_step()
+    assert not torch.equal(trainer._self_history(clean, seed=5), history)  # fresh weights
+
+    out, flags = str(tmp_path / "self"), ["--context", "self", "--pattern", "persistent_local"]
+    flags += ["--clip-frames", "12", "--eval-clips", "1", "--steps", "3"]
+    main(["--out", out, *TINY, *flags, "--stop-after", "1"])
+    main(["--out", out, "--resume", "--no-progress", "--device", "cpu"])
+    main(["--out", str(tmp_path / "whole"), *TINY, *flags])
+    _, resumed, meta = load_checkpoint(tmp_path / "self" / "checkpoint")
+    _, whole, _ = load_checkpoint(tmp_path / "whole" / "checkpoint")
+    assert meta["recipe"]["context"] == "self"
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    with pytest.raises(SystemExit, match="--context"):
+        main(["--out", out, "--resume", "--context", "teacher", *TINY])
