@@ -7,7 +7,9 @@ The kernel benchmark's cases, densities, inputs and block tables (`codegen.sampl
 ``torch.autograd.grad`` of dQ, dK, dV over a retained graph, so no forward in it) are timed
 in `bench.kernel.ROUNDS` interleaved rounds, medians. `flex` is `torch.compile(flex_attention)`
 with the same `BlockMask` (its backward is compiled too); `sdpa_dense` is the fastest SDPA
-backend by backward time. Records carry the kernel benchmark's columns plus `bwd_ms`,
+backend by backward time. `pbsa_fused` is `pbsa` with ``deterministic=False``: its backward
+adds dQ in the dK/dV kernel by float atomics (five products per block instead of seven).
+Records carry the kernel benchmark's columns plus `bwd_ms`,
 `bwd_tflops` (2.5x the forward's FLOPs: dS, dQ, dK, dV and the recomputed QKᵀ),
 `bwd_speedup_vs_sdpa`, `bwd_speedup_vs_flex` and `bwd_efficiency` (= bwd_speedup_vs_sdpa /
 ideal_speedup: throughput per computed block relative to SDPA's backward).
@@ -122,16 +124,21 @@ def run_case(case: KernelCase, seed: int = 0) -> list[dict]:
         bwd[density, "flex"] = _grad_timer(fwd[density, "flex"], (q, k, v))
         grad = torch.randn_like(q)
         ref = torch.autograd.grad(fwd[density, "flex"]().transpose(1, 2), (q, k, v), grad)
-        for impl, a in pbsa_variants(q, k, v, (k_pool, v_pool, page_lens), counts, idx).items():
-            fwd[density, impl] = lambda a=a: codegen.pbsa_attention(*a, **kw)[0]
+        variants = pbsa_variants(q, k, v, (k_pool, v_pool, page_lens), counts, idx)
+        # pbsa_fused: the contiguous call with deterministic=False (dQ added by the dK/dV
+        # kernel with float atomics)
+        variants = {**variants, "pbsa_fused": variants["pbsa"]}
+        for impl, a in variants.items():
+            options = dict(kw, deterministic=impl != "pbsa_fused")
+            fwd[density, impl] = lambda a=a, o=options: codegen.pbsa_attention(*a, **o)[0]
             bwd[density, impl] = _grad_timer(fwd[density, impl], a[:3])
-            if impl == "pbsa":
+            if impl in ("pbsa", "pbsa_fused"):
                 got = torch.autograd.grad(fwd[density, impl](), a[:3], grad)
-                errors[density] = max(
+                errors[density, impl] = max(
                     float((g.float() - r.float()).abs().max())
                     for g, r in zip(got, ref, strict=True)
                 )
-                oracle_errors[density] = _oracle_error(a, got, grad, kw)
+                oracle_errors[density, impl] = _oracle_error(a, got, grad, kw)
 
     samples = {key: ([], []) for key in fwd}
     for _ in range(ROUNDS):
@@ -156,12 +163,12 @@ def run_case(case: KernelCase, seed: int = 0) -> list[dict]:
 
     records = [record(None, "sdpa_dense", float(case.kv_tokens), sdpa_backend=sdpa_name)]
     for density in case.densities:
-        for impl in ("flex", "pbsa", "pbsa_paged"):
+        for impl in ("flex", "pbsa", "pbsa_paged", "pbsa_fused"):
             extra = {}
-            if impl == "pbsa":
+            if impl in ("pbsa", "pbsa_fused"):
                 extra = dict(
-                    max_abs_grad_diff_vs_flex=errors[density],
-                    max_abs_grad_diff_vs_oracle_head0=oracle_errors[density],
+                    max_abs_grad_diff_vs_flex=errors[density, impl],
+                    max_abs_grad_diff_vs_oracle_head0=oracle_errors[density, impl],
                 )
             records.append(record(density, impl, computed[density], **extra))
     return records

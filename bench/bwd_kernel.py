@@ -105,13 +105,14 @@ def sweep(p, out, lse, grad_out, density: float) -> list[dict]:
 
 
 def fastest_fused(p, out, lse, grad_out, density: float):
-    """(ms, config, call) of the fastest FUSED_TILES config, None if none compiled."""
-    dq_config = default_backward_configs(p, interpret=False)[0]
+    """(ms, config, call) of the fastest of FUSED_TILES and the default (tuned, after
+    `--tune`) fused config; None if none compiled."""
+    dq_config, default = default_backward_configs(p, interpret=False, deterministic=False)
+    tiles = [LaunchConfig(m, w, s, block_n=n, fused_dq=True) for m, n, w, s in FUSED_TILES]
     best = None
-    for block_m, block_n, warps, stages in FUSED_TILES:
-        if p.q_block % block_m or p.page_size % block_n:
+    for tile in dict.fromkeys([default, *tiles]):
+        if p.q_block % tile.block_m or p.page_size % (tile.block_n or p.page_size):
             continue
-        tile = LaunchConfig(block_m, warps, stages, block_n=block_n, fused_dq=True)
 
         def call(tile=tile):
             return pbsa_backward_triton(p, out, lse, grad_out, configs=(dq_config, tile))
@@ -121,7 +122,7 @@ def fastest_fused(p, out, lse, grad_out, density: float):
         except Exception as error:  # a tile this Triton/device cannot build
             print(f"  fused {tile}: {type(error).__name__}: {str(error)[:120]}")
             continue
-        print(f"  {density} fused m{block_m} n{block_n} w{warps} s{stages}: {ms:.3f} ms")
+        print(f"  {density} fused {tile}: {ms:.3f} ms")
         if best is None or ms < best[0]:
             best = (ms, tile, call)
     return best
@@ -158,7 +159,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         nb, idx = build_table(case, density, dev)
         call = dict(q_block=Q_BLOCK, page_size=PAGE)
         if args.tune:
-            autotune_backward(q, k, v, nb, idx, **call, progress=False)
+            # with --fused-dq the dK/dV kernel that adds dQ is tuned too ("bwd_fused")
+            autotune_backward(
+                q, k, v, nb, idx, **call, progress=False, deterministic=not args.fused_dq
+            )
         p = validate(q, k, v, nb, idx, **call)
         out, lse = pbsa_triton(p)
         split = kernel_ms(lambda p=p, out=out, lse=lse: pbsa_backward_triton(p, out, lse, grad_out))

@@ -37,6 +37,7 @@ def pbsa_attention(
     backend: str = "auto",
     page_size: int | None = None,
     autotune: bool = False,
+    deterministic: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Persistent block-sparse attention over the pages listed in a block table.
 
@@ -57,7 +58,12 @@ def pbsa_attention(
     Differentiable in q, k and v (``torch.ops.sparse_forcing.pbsa``; the backward runs
     `codegen.backward.pbsa_backward` on the same backend from the saved LSE); lse carries
     no gradient. The torch backend under autograd is the reference of the backward.
+    deterministic: the triton backward gives the same bits on every run; False lets it add
+    dQ by float atomics from the dK/dV kernel (faster, as FlashAttention's default), unless
+    `torch.use_deterministic_algorithms(True)` is set.
     """
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
     backend = resolve_backend(backend, q.device if isinstance(q, Tensor) else torch.device("cpu"))
     p = validate(
         q,
@@ -83,7 +89,7 @@ def pbsa_attention(
     ):
         out, lse = pbsa_op(
             q, k, v, kv_num_blocks, kv_indices, page_lens,
-            p.scale, layout, q_block, p.page_size, backend,
+            p.scale, layout, q_block, p.page_size, backend, deterministic,
         )  # fmt: skip
         return out, (lse if return_lse else None)
     return run_forward(p, backend, return_lse)

@@ -55,17 +55,17 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 def pbsa_op(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
     page_lens: Tensor | None, scale: float, layout: str, q_block: int, page_size: int,
-    backend: str,
+    backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(out, lse) of `codegen.pbsa_attention` (already validated arguments, concrete
-    backend); out is contiguous in q's shape."""
+    backend); out is contiguous in q's shape. `deterministic` is the backward's."""
     p = _problem(q, k, v, kv_num_blocks, kv_indices, page_lens, scale, layout, q_block, page_size)
     out, lse = run_forward(p, backend, return_lse=True)
     return out.contiguous(), lse
 
 
 @pbsa_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, page_lens, scale, layout, q_block, page_size, backend):
+def _(q, k, v, kv_num_blocks, kv_indices, page_lens, scale, layout, q_block, page_size, *rest):
     lse = q.new_empty(_lse_shape(q, layout), dtype=_lse_dtype(q))
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), lse
 
@@ -74,11 +74,11 @@ def _(q, k, v, kv_num_blocks, kv_indices, page_lens, scale, layout, q_block, pag
 def pbsa_backward_op(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
     page_lens: Tensor | None, out: Tensor, lse: Tensor, grad_out: Tensor, scale: float,
-    layout: str, q_block: int, page_size: int, backend: str,
+    layout: str, q_block: int, page_size: int, backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv), contiguous, shaped like q, k, v: `codegen.backward.pbsa_backward`."""
     p = _problem(q, k, v, kv_num_blocks, kv_indices, page_lens, scale, layout, q_block, page_size)
-    grads = pbsa_backward(p, out, lse, grad_out, backend=backend)
+    grads = pbsa_backward(p, out, lse, grad_out, backend=backend, deterministic=deterministic)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -91,7 +91,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> No
     q, k, v, kv_num_blocks, kv_indices, page_lens, *options = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, kv_num_blocks, kv_indices, page_lens, out, lse)
-    ctx.options = options  # scale, layout, q_block, page_size, backend
+    ctx.options = options  # scale, layout, q_block, page_size, backend, deterministic
     ctx.mark_non_differentiable(lse)
 
 
@@ -100,7 +100,7 @@ def _backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple:
     dq, dk, dv = pbsa_backward_op(
         q, k, v, kv_num_blocks, kv_indices, page_lens, out, lse, grad_out, *ctx.options
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, *([None] * (3 + len(ctx.options)))
 
 
 pbsa_op.register_autograd(_backward, setup_context=_setup_context)

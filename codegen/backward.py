@@ -11,7 +11,13 @@ BACKWARD_BACKENDS = ("triton", "interpret", "torch")
 
 
 def pbsa_backward(
-    p: Problem, out: Tensor, lse: Tensor, grad_out: Tensor, *, backend: str
+    p: Problem,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    *,
+    backend: str,
+    deterministic: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of sum(out · grad_out) for the validated call `p`.
 
@@ -19,9 +25,15 @@ def pbsa_backward(
     -inf for rows that see nothing (their gradients are 0); grad_out: q's shape and dtype.
     dq has q's shape, layout and dtype; dk and dv have k's and v's (paged pools or
     contiguous tensors in q's layout); entries past a page's length and pages never listed
-    get 0. backend: "triton" (generated kernels, CUDA; deterministic), "interpret" (the same
-    kernels under TRITON_INTERPRET=1), "torch" (gather-based).
+    get 0. backend: "triton" (generated kernels, CUDA), "interpret" (the same kernels under
+    TRITON_INTERPRET=1), "torch" (gather-based; its scatter-adds are not deterministic on
+    CUDA, whatever `deterministic` says). deterministic: the generated kernels' gradients are
+    the same bits on every run; False lets them add dQ by float atomics from the dK/dV
+    kernel (five matrix products per block instead of seven), unless
+    `torch.use_deterministic_algorithms(True)` is set.
     """
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
     if backend not in BACKWARD_BACKENDS:
         raise ValueError(f"backend: expected one of {BACKWARD_BACKENDS}, got {backend!r}")
     for name, t in (("out", out), ("grad_out", grad_out)):
@@ -46,7 +58,9 @@ def pbsa_backward(
         return pbsa_torch_backward(p, out, lse, grad_out)
     from codegen.launch_bwd import pbsa_backward_triton
 
-    return pbsa_backward_triton(p, out, lse, grad_out, interpret=backend == "interpret")
+    return pbsa_backward_triton(
+        p, out, lse, grad_out, interpret=backend == "interpret", deterministic=deterministic
+    )
 
 
 def _describe(t: object) -> str:

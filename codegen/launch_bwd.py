@@ -5,8 +5,9 @@ walking its table row) and dK/dV (one program per key tile of a page, walking th
 the transposed table). dQ and dK/dV are tuned separately (`codegen.tuning.autotune_backward`).
 A dK/dV config with `fused_dq` replaces the last two by one kernel whose dK/dV programs also
 add their dQ shares, by float atomics (five products per block instead of seven; dQ is then
-not deterministic). Only an explicit `configs` runs it: the tuner and the stored winners
-never pick it.
+not deterministic). It runs when asked for: by an explicit `configs`, or by
+`deterministic=False` (`pbsa_attention`'s option) outside
+`torch.use_deterministic_algorithms(True)`; the deterministic default never picks it.
 On CUDA, dQ runs on a side stream beside dK/dV: neither reads what the other writes, and
 each one's last wave leaves SMs idle that the other's programs can fill (flex gets the same
 overlap from one launch of both).
@@ -66,12 +67,17 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _side_streams[index]
 
 
-def default_backward_configs(p: Problem, interpret: bool) -> tuple[LaunchConfig, LaunchConfig]:
+def default_backward_configs(
+    p: Problem, interpret: bool, deterministic: bool = True
+) -> tuple[LaunchConfig, LaunchConfig]:
     """(dQ config, dK/dV config): the persisted winners for the call's bucket, else fixed
-    ones (the interpreter's are fixed: it times nothing)."""
+    ones (the interpreter's are fixed: it times nothing). With ``deterministic`` False (and
+    `torch.use_deterministic_algorithms` off) the dK/dV config is the one that adds dQ too
+    (`LaunchConfig.fused_dq`: dQ by float atomics), whose winner has a record of its own."""
+    fused = not deterministic and not torch.are_deterministic_algorithms_enabled()
     if interpret:
         tile = LaunchConfig(block_m=min(64, p.q_block), num_warps=4, num_stages=1)
-        return tile, tile
+        return tile, dataclasses.replace(tile, fused_dq=fused)
     # Untuned. head_dim <= 128: the fastest of `bench.bwd_kernel --sweep` on an H200 with
     # pipelined loads (dQ 128 rows × 64 keys, 8 warps, 3 stages: 1.28× faster than 128 × 32
     # with 4 warps; dK/dV 128 keys × 64 rows, 8 warps, 2 stages: 1.15× faster than 32 rows).
@@ -84,6 +90,11 @@ def default_backward_configs(p: Problem, interpret: bool) -> tuple[LaunchConfig,
         dq_default = LaunchConfig(min(128, p.q_block), 8, 3, block_n=min(64, p.page_size))
         dkdv_default = LaunchConfig(min(64, p.q_block), 8, 2, block_n=min(128, p.page_size))
     dq = lookup(p, "bwd_dq") or dq_default
+    if fused:
+        # Untuned: 64 query rows a step over a page's 128 keys, 8 warps, the tile that ptxas
+        # (triton 3.6, sm_90a) fits in 255 registers without spills.
+        fused_default = LaunchConfig(min(64, p.q_block), 8, 2, block_n=min(128, p.page_size))
+        return dq, lookup(p, "bwd_fused") or dataclasses.replace(fused_default, fused_dq=True)
     dkdv = lookup(p, "bwd_dkdv") or dkdv_default
     return dq, dkdv
 
@@ -107,16 +118,17 @@ def pbsa_backward_triton(
     *,
     interpret: bool = False,
     configs: tuple[LaunchConfig, LaunchConfig] | None = None,
+    deterministic: bool = True,
     dq: Tensor | None = None,
     dk: Tensor | None = None,
     dv: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) from the generated kernels. `configs`: (dQ, dK/dV) launch configs
-    (default: `default_backward_configs`). dq/dk/dv may be given (e.g. poisoned, by tests):
-    every element is written."""
+    (default: `default_backward_configs` with `deterministic`). dq/dk/dv may be given (e.g.
+    poisoned, by tests): every element is written."""
     if not interpret and not p.q.is_cuda:
         raise ValueError("backend='triton' needs CUDA tensors; use 'torch' or 'interpret'")
-    dq_config, dkdv_config = configs or default_backward_configs(p, interpret)
+    dq_config, dkdv_config = configs or default_backward_configs(p, interpret, deterministic)
     if dq_config.fused_dq:
         raise ValueError("configs[0]: fused_dq is a choice of the dK/dV kernel (configs[1])")
     if dkdv_config.fused_dq and torch.are_deterministic_algorithms_enabled():

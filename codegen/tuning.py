@@ -202,22 +202,30 @@ def backward_candidates(p: Problem, kernel: str, limit: int) -> list[LaunchConfi
 
 
 def autotune_backward(
-    *args: Any, force: bool = False, progress: bool = True, **kwargs: Any
+    *args: Any,
+    force: bool = False,
+    progress: bool = True,
+    deterministic: bool = True,
+    **kwargs: Any,
 ) -> tuple[LaunchConfig, LaunchConfig]:
     """Pick the fastest (dQ, dK/dV) LaunchConfigs for backward calls shaped like this sample
     (`pbsa_attention`'s arguments, less backend and return_lse; a representative table).
 
     Each kernel is tuned with the other at its current default, timing the whole backward
     (seeded random output gradient), and dQ's winner then against itself in
-    KV_SPLITS_TRIED shares; the winners are persisted per kernel. Returns the
-    persisted winners unless `force`; on CPU the interpreter's fixed configs, untimed.
+    KV_SPLITS_TRIED shares; the winners are persisted per kernel. With ``deterministic``
+    False, the dK/dV kernel that adds dQ by atomics (`LaunchConfig.fused_dq`, no dQ kernel)
+    is tuned too, over the same tiles, as record "bwd_fused". Returns what
+    `default_backward_configs` then gives for ``deterministic`` (the persisted winners)
+    unless `force`; on CPU the interpreter's fixed configs, untimed.
     """
     p = validate(*args, **kwargs)
     if not p.q.is_cuda:
-        return default_backward_configs(p, interpret=True)
-    keys = {kernel: tuning_key(p, kernel) for kernel in ("bwd_dq", "bwd_dkdv")}
+        return default_backward_configs(p, interpret=True, deterministic=deterministic)
+    kernels = ("bwd_dq", "bwd_dkdv") + (() if deterministic else ("bwd_fused",))
+    keys = {kernel: tuning_key(p, kernel) for kernel in kernels}
     if not force and all(lookup(p, kernel) is not None for kernel in keys):
-        return default_backward_configs(p, interpret=False)
+        return default_backward_configs(p, interpret=False, deterministic=deterministic)
     out, lse = pbsa_triton(p)
     g = torch.Generator(device=p.q.device).manual_seed(0)
     grad_out = torch.randn(p.q.shape, generator=g, device=p.q.device).to(p.q.dtype)
@@ -229,11 +237,15 @@ def autotune_backward(
             configs = (config, fixed[1]) if slot == 0 else (fixed[0], config)
             return pbsa_backward_triton(p, out, lse, grad_out, configs=configs)
 
-        candidates = backward_candidates(p, kernel, limit)
+        if kernel == "bwd_fused":
+            tiles = backward_candidates(p, "bwd_dkdv", limit)
+            candidates = [dataclasses.replace(c, fused_dq=True) for c in tiles]
+        else:
+            candidates = backward_candidates(p, kernel, limit)
         best, ms = _fastest(candidates, run, f"autotune pbsa {kernel}", progress)
         if kernel == "bwd_dq":  # dQ tiles are as many as the forward's: try shares of them
             best, ms = _fastest(
                 _with_splits(best), run, f"autotune pbsa {kernel} kv splits", progress
             )
         save(keys[kernel], best, ms)
-    return default_backward_configs(p, interpret=False)
+    return default_backward_configs(p, interpret=False, deterministic=deterministic)

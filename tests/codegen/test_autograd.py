@@ -50,13 +50,14 @@ def test_gradients_match_the_float64_oracle():
 
 @pytest.mark.parametrize("backend", ["triton"] if CUDA else ["interpret"])
 @pytest.mark.parametrize("paged", [True, False])
-def test_kernel_backend_gradients_match_torch(backend, paged):
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_kernel_backend_gradients_match_torch(backend, paged, deterministic):
     args = small_inputs(seed=7, paged=paged, device=DEVICE)
     grad = torch.randn(args["q"].shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     results = []
     for b in (backend, "torch"):
         qkv, rest = _split({k: v.clone() if torch.is_tensor(v) else v for k, v in args.items()})
-        out, lse = codegen.pbsa_attention(*qkv, **rest, backend=b)
+        out, lse = codegen.pbsa_attention(*qkv, **rest, backend=b, deterministic=deterministic)
         results.append((out, lse, torch.autograd.grad(out, qkv, grad)))
     (out, lse, grads), (ref_out, ref_lse, ref_grads) = results
     torch.testing.assert_close(out, ref_out, atol=2e-4, rtol=1e-4)
@@ -102,3 +103,39 @@ def test_compiled_forward_and_backward_equal_eager():
     torch.testing.assert_close(v2, v1)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_nondeterministic_backward_adds_dq_in_the_dkdv_kernel_unless_torch_forbids(monkeypatch):
+    """deterministic=False runs the dK/dV kernel that adds dQ (no dQ kernel); under
+    torch.use_deterministic_algorithms(True) the split kernels run instead."""
+    import codegen.launch_bwd as launch_bwd
+
+    launched = []
+    memo = launch_bwd.memo_kernel
+
+    def spy(spec, interpret, kernel="fwd"):
+        launched.append(kernel)
+        return memo(spec, interpret, kernel)
+
+    monkeypatch.setattr(launch_bwd, "memo_kernel", spy)
+    args = small_inputs(seed=7, device=DEVICE)
+    grad = torch.randn(args["q"].shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    backend = "triton" if CUDA else "interpret"
+    qkv, rest = _split(args)
+
+    def kernels(deterministic: bool) -> list[str]:
+        launched.clear()
+        out, _ = codegen.pbsa_attention(*qkv, **rest, backend=backend, deterministic=deterministic)
+        torch.autograd.grad(out, qkv, grad)
+        return launched[:]
+
+    assert kernels(True) == ["bwd_delta", "bwd_dq", "bwd_dkdv"]
+    assert kernels(False) == ["bwd_delta", "bwd_fused"]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert kernels(False) == ["bwd_delta", "bwd_dq", "bwd_dkdv"]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    with pytest.raises(TypeError, match="deterministic"):
+        codegen.pbsa_attention(*qkv, **rest, backend=backend, deterministic=1)
