@@ -1,5 +1,7 @@
 """Autotuner: the interpreter's single config; the pruned search space on CUDA."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -69,6 +71,10 @@ def test_backward_interpreter_gets_fixed_configs_without_timing(monkeypatch):
     args = small_inputs(q_block=32, seed=1)
     configs = at.autotune_backward(**args)
     assert configs == default_backward_configs(sample_problem(args), interpret=True)
+    assert not configs[1].fused_dq
+    # deterministic=False: the dK/dV tile that adds dQ too
+    dq, fused = at.autotune_backward(**args, deterministic=False)
+    assert (dq, fused) == (configs[0], dataclasses.replace(configs[1], fused_dq=True))
 
 
 @pytest.mark.parametrize("kernel", ["bwd_dq", "bwd_dkdv"])
