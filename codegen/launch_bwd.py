@@ -91,10 +91,9 @@ def default_backward_configs(
         dkdv_default = LaunchConfig(min(64, p.q_block), 8, 2, block_n=min(128, p.page_size))
     dq = lookup(p, "bwd_dq") or dq_default
     if fused:
-        # Untuned: 64 query rows a step over a page's 128 keys, 8 warps, the tile that ptxas
-        # (triton 3.6, sm_90a) fits in 255 registers without spills.
-        fused_default = LaunchConfig(min(64, p.q_block), 8, 2, block_n=min(128, p.page_size))
-        return dq, lookup(p, "bwd_fused") or dataclasses.replace(fused_default, fused_dq=True)
+        # Untuned: dK/dV's tile, which the added dQ product still fits (triton 3.6, sm_90a:
+        # 255 registers and no spills at head_dim 128, 92 bytes of spills at 256).
+        return dq, lookup(p, "bwd_fused") or dataclasses.replace(dkdv_default, fused_dq=True)
     dkdv = lookup(p, "bwd_dkdv") or dkdv_default
     return dq, dkdv
 

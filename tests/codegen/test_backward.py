@@ -281,10 +281,12 @@ GPU_SHAPES = st.fixed_dictionaries(
     dtype=st.sampled_from(DTYPES),
     q_scale=st.sampled_from([1.0, 30.0]),
     seed=st.integers(0, 2**31 - 1),
+    fused=st.booleans(),
 )
-def test_gpu_kernels_match_the_oracle(shape, paged, layout, dtype, q_scale, seed):
+def test_gpu_kernels_match_the_oracle(shape, paged, layout, dtype, q_scale, seed, fused):
     args = inputs(shape, paged=paged, layout=layout, dtype=dtype, q_scale=q_scale, seed=seed)
-    check(args, "triton", dtype, seed)
+    configs = default_backward_configs(sample_problem(args), False, deterministic=not fused)
+    check(args, "triton", dtype, seed, configs=configs)
 
 
 @pytest.mark.gpu
