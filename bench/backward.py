@@ -1,6 +1,7 @@
 """Backward benchmark (BENCHMARKS.md): PBSA forward + backward vs compiled flex and dense SDPA.
 
     python -m bench.backward --json out.json [--cases sf5s,paper65k] [--world-step]
+        [--profile-step]
 
 The kernel benchmark's cases, densities, inputs and block tables (`codegen.samples`,
 `bench.kernel`). Per implementation the forward (`ms`) and the backward alone (`bwd_ms`:
@@ -19,7 +20,8 @@ ideal_speedup: throughput per computed block relative to SDPA's backward).
 the model itself (SDPA, dense) against `sparsify(model, default pattern, mode="full_sequence")`,
 each eager and under `torch.compile` (the step function whole: forward, backward and the
 optimizer); `speedup` compares sparse with dense of the same mode. A step that fails to
-compile is reported with its error instead of a time.
+compile is reported with its error instead of a time. `--profile-step` adds, per eager
+step, its wall and summed GPU milliseconds, kernel launches and top kernels.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
-from bench.common import device_record, time_ms, write_json
+from bench.common import device_record, kernel_profile, time_ms, write_json
 from bench.kernel import (
     ROUNDS,
     _record,
@@ -174,9 +176,9 @@ def run_case(case: KernelCase, seed: int = 0) -> list[dict]:
     return records
 
 
-def world_step(rounds: int = ROUNDS) -> list[dict]:
+def world_step(rounds: int = ROUNDS, profile: bool = False) -> list[dict]:
     """One training step of the world model, dense vs sparse (full-sequence mode), eager and
-    compiled."""
+    compiled; with `profile`, each eager step's `bench.common.kernel_profile` too."""
     from sparsify import sparsify
     from sparsify.defaults import default_geometry, default_pattern
     from world.weights import load_world_model
@@ -213,6 +215,8 @@ def world_step(rounds: int = ROUNDS) -> list[dict]:
                 run = torch.compile(step) if mode == "compiled" else step
                 times = [time_ms(run, warmup=3, rep=10) for _ in range(rounds)]
                 record["step_ms"] = statistics.median(times)
+                if profile and mode == "eager":
+                    record["profile"] = kernel_profile(run)
             except Exception as error:  # reported in the record, the other steps still run
                 record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             records.append(record)
@@ -236,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         "--cases", default=",".join(CASES), help="comma-separated case names ('' for none)"
     )
     parser.add_argument("--world-step", action="store_true", help="also time a world train step")
+    parser.add_argument(
+        "--profile-step",
+        action="store_true",
+        help="with --world-step: GPU ms, launches and top kernels of each eager step",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.backward needs a CUDA device", file=sys.stderr)
@@ -245,12 +254,18 @@ def main(argv: list[str] | None = None) -> int:
         if name not in CASES:
             parser.error(f"--cases: unknown case {name!r}; expected some of {sorted(CASES)}")
         records += run_case(CASES[name])
-    world = world_step() if args.world_step else []
+    world = world_step(profile=args.profile_step) if args.world_step else []
     card = device_record()
     write_json(args.json, dict(device=card, records=records, world_step=world))
     print(card)
     if world:
         print(format_table(world, ["impl", "mode", "frames", "step_ms", "speedup", "error"]))
+        for record in world:
+            if "profile" in record:
+                prof = record["profile"]
+                print(f"{record['impl']} eager step: wall {prof['wall_ms']:.1f} ms, GPU "
+                      f"{prof['gpu_ms']:.1f} ms in {prof['launches']} kernels")  # fmt: skip
+                print(format_table(prof["top"], ["kernel", "ms", "calls"]))
     print(format_table(records, COLUMNS))
     return 0
 

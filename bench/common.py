@@ -48,6 +48,35 @@ def device_time_us(event) -> float:
     return float(total if total is not None else event.cuda_time_total)
 
 
+def kernel_profile(fn: Callable[[], object], top: int = 8) -> dict:
+    """One profiled call of `fn` (after one unprofiled, to warm it): its wall milliseconds,
+    the GPU milliseconds of its kernels summed, how many kernels it launched, and the `top`
+    kernels by GPU time (name, ms, calls). GPU ms well under wall ms: the call is bound by
+    the host (launches, Python), not by its kernels."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels.sort(key=device_time_us, reverse=True)
+    return dict(
+        wall_ms=wall * 1e3,
+        gpu_ms=sum(device_time_us(e) for e in kernels) / 1e3,
+        launches=sum(e.count for e in kernels),
+        top=[
+            dict(kernel=e.key[:70], ms=device_time_us(e) / 1e3, calls=e.count)
+            for e in kernels[:top]
+        ],
+    )
+
+
 def write_json(path: str | Path | None, payload: dict) -> None:
     if path is None:
         return
