@@ -24,7 +24,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.common import device_record, device_time_us, sync, time_ms, write_json
+from bench.common import cuda_kernels, device_record, device_time_us, sync, time_ms, write_json
 from bench.kernel import computed_tokens
 from codegen.backward import pbsa_backward
 from codegen.config import LaunchConfig
@@ -71,9 +71,7 @@ def kernel_ms(fn, reps: int = 10) -> dict[str, float]:
             fn()
         sync()
     out = dict.fromkeys(KERNELS, 0.0)
-    for e in prof.key_averages():
-        if e.device_type.name != "CUDA":
-            continue
+    for e in cuda_kernels(prof):
         for kernel in out:
             if e.key.endswith(kernel):
                 out[kernel] += device_time_us(e) / 1e3 / reps
@@ -183,6 +181,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             dict(
                 impl="pbsa",
                 density=density,
+                deterministic=True,
                 **rates(ms),
                 **{f"{k}_ms": v for k, v in split.items()},
                 dq_config=str(dq_config),
@@ -197,6 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 dict(
                     impl="pbsa_fused",
                     density=density,
+                    deterministic=False,  # dQ by float atomics
                     **rates(fused_ms),
                     speedup_vs_split=ms / fused_ms,
                     max_abs_dq_diff_vs_split=float((call()[0] - split_dq).abs().max()),

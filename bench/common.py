@@ -48,6 +48,13 @@ def device_time_us(event) -> float:
     return float(total if total is not None else event.cuda_time_total)
 
 
+def cuda_kernels(prof) -> list:
+    """The CUDA kernels of a finished `torch.profiler.profile`, as its per-name averages,
+    longest total GPU time first."""
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    return sorted(kernels, key=device_time_us, reverse=True)
+
+
 def kernel_profile(fn: Callable[[], object], top: int = 8) -> dict:
     """One profiled call of `fn` (after one unprofiled, to warm it): its wall milliseconds,
     the GPU milliseconds of its kernels summed, how many kernels it launched, and the `top`
@@ -64,8 +71,7 @@ def kernel_profile(fn: Callable[[], object], top: int = 8) -> dict:
         fn()
         sync()
         wall = time.perf_counter() - start
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    kernels.sort(key=device_time_us, reverse=True)
+    kernels = cuda_kernels(prof)
     return dict(
         wall_ms=wall * 1e3,
         gpu_ms=sum(device_time_us(e) for e in kernels) / 1e3,

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from bench.common import device_time_us, sync
+from bench.common import cuda_kernels, device_time_us, sync
 from patterns import Dense
 from runtime import CausalWanModel, EagerRunner, WanConfig, reference_runner
 from runtime.compiled_dense import CompiledDenseRunner
@@ -253,9 +253,8 @@ def kernel_table(
     finally:
         if graphs:
             runner.cuda_graphs = True
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels = cuda_kernels(prof)
     total = sum(device_time_us(e) for e in kernels) or 1.0
-    kernels.sort(key=device_time_us, reverse=True)
     rows = [
         dict(
             runner=name,

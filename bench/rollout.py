@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_record, device_time_us, sync, write_json
+from bench.common import cuda_kernels, device_record, device_time_us, sync, write_json
 from patterns import Dense
 from runtime import CausalWanModel, EagerRunner, WanConfig, generate, self_forcing_cache
 from runtime.compiled_dense import SDPA_BACKENDS, CompiledDenseRunner
@@ -174,9 +174,8 @@ def attention_fraction(runner: ChunkRunner, config: WanConfig, context, horizon:
             handle.remove()
         if graphs:
             runner.cuda_graphs = True
-    events = prof.key_averages()
-    total = sum(device_time_us(e) for e in events if e.device_type.name == "CUDA")
-    attention = sum(device_time_us(e) for e in events if e.key == SELF_ATTENTION_RANGE)
+    total = sum(device_time_us(e) for e in cuda_kernels(prof))
+    attention = sum(device_time_us(e) for e in prof.key_averages() if e.key == SELF_ATTENTION_RANGE)
     return attention / total if total else None
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from codegen.autograd import pbsa_op, run_forward
+from codegen.backward import check_deterministic
 from codegen.problem import validate
 from codegen.tuning import ensure_tuned
 
@@ -62,8 +63,7 @@ def pbsa_attention(
     dQ by float atomics from the dK/dV kernel (faster, as FlashAttention's default), unless
     `torch.use_deterministic_algorithms(True)` is set.
     """
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    check_deterministic(deterministic)
     backend = resolve_backend(backend, q.device if isinstance(q, Tensor) else torch.device("cpu"))
     p = validate(
         q,

@@ -10,6 +10,14 @@ from codegen.problem import Problem
 BACKWARD_BACKENDS = ("triton", "interpret", "torch")
 
 
+def check_deterministic(value: object) -> bool:
+    """``value`` if it is a bool (the backward's ``deterministic`` option), else a TypeError:
+    a None or 0 must not quietly turn the non-deterministic kernel on."""
+    if not isinstance(value, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(value).__name__}")
+    return value
+
+
 def pbsa_backward(
     p: Problem,
     out: Tensor,
@@ -32,8 +40,7 @@ def pbsa_backward(
     kernel (five matrix products per block instead of seven), unless
     `torch.use_deterministic_algorithms(True)` is set.
     """
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    check_deterministic(deterministic)
     if backend not in BACKWARD_BACKENDS:
         raise ValueError(f"backend: expected one of {BACKWARD_BACKENDS}, got {backend!r}")
     for name, t in (("out", out), ("grad_out", grad_out)):

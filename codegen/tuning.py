@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import triton
 
+from codegen.backward import check_deterministic
 from codegen.config import LaunchConfig, supports_tma
 from codegen.launch import default_config, pbsa_triton
 from codegen.launch_bwd import default_backward_configs, pbsa_backward_triton
@@ -219,6 +220,7 @@ def autotune_backward(
     `default_backward_configs` then gives for ``deterministic`` (the persisted winners)
     unless `force`; on CPU the interpreter's fixed configs, untimed.
     """
+    check_deterministic(deterministic)
     p = validate(*args, **kwargs)
     if not p.q.is_cuda:
         return default_backward_configs(p, interpret=True, deterministic=deterministic)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from codegen.spec import is_pow2
 from patterns import VideoGeometry
 
 __all__ = ["write_scratch_pages", "write_scratch_supported"]
@@ -67,10 +68,6 @@ def _write_scratch_kernel(
         tl.store(Reps + reps_row + offs_d, rep)
 
 
-def _power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def write_scratch_supported(k_pool: Tensor, v_pool: Tensor, key_reps: Tensor) -> bool:
     """Whether `write_scratch_pages` takes this pool: fp16/bf16/fp32 K and V of equal
     strides, a power-of-two page and head_dim (16..256), head_dim the unit-stride axis of
@@ -81,8 +78,8 @@ def write_scratch_supported(k_pool: Tensor, v_pool: Tensor, key_reps: Tensor) ->
         k_pool.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and v_pool.stride() == k_pool.stride()
         and key_reps.dtype == torch.float32
-        and _power_of_two(page)
-        and _power_of_two(head_dim)
+        and is_pow2(page)
+        and is_pow2(head_dim)
         and 16 <= head_dim <= 256
         and k_pool.stride(-1) == 1
         and key_reps.stride(-1) == 1

@@ -75,6 +75,8 @@ def test_backward_interpreter_gets_fixed_configs_without_timing(monkeypatch):
     # deterministic=False: the dK/dV tile that adds dQ too
     dq, fused = at.autotune_backward(**args, deterministic=False)
     assert (dq, fused) == (configs[0], dataclasses.replace(configs[1], fused_dq=True))
+    with pytest.raises(TypeError, match="deterministic"):
+        at.autotune_backward(**args, deterministic=None)
 
 
 @pytest.mark.parametrize("kernel", ["bwd_dq", "bwd_dkdv"])
